@@ -1,0 +1,56 @@
+"""CPU kernels of the expert-slot ops (also the reference the GPU kernels are tested against).
+
+The grouped GEMM is a loop of ``torch.mm(..., out=slice)`` over row groups: measured here at 0.77-0.82x the time
+of one dense matmul of the same FLOPs, faster than fp32 ``torch._grouped_mm`` and than padded ``bmm`` under skew.
+One host read of the offsets per call is the price; on CPU it is free.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_weight(weights: list[Tensor], g: int) -> Tensor:
+    """Group g's 2-D weight from either a stacked [G, ., .] tensor or a list of 2-D tensors."""
+    return weights[0][g] if len(weights) == 1 and weights[0].dim() == 3 else weights[g]
+
+
+def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    order_N = torch.argsort(slot_N, stable=True)
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    counts_S = torch.bincount(slot_N, minlength=num_slots)
+    return order_N, inverse_N, torch.cumsum(counts_S, 0).to(torch.int32)
+
+
+def grouped_mm(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    w0 = group_weight(weights, 0)
+    width_out = w0.shape[0] if transpose_w else w0.shape[1]
+    y_NO = x_NI.new_empty((x_NI.shape[0], width_out))
+    start = 0
+    for g, end in enumerate(offsets_S.tolist()):
+        if end > start:
+            w = group_weight(weights, g)
+            torch.mm(x_NI[start:end], w.t() if transpose_w else w, out=y_NO[start:end])
+        start = end
+    if start < y_NO.shape[0]:
+        y_NO[start:].zero_()
+    return y_NO
+
+
+def grouped_mm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    groups = offsets_S.shape[0]
+    width_in, width_out = x_NI.shape[1], dy_NO.shape[1]
+    shape = (groups, width_out, width_in) if transpose_w else (groups, width_in, width_out)
+    dw = x_NI.new_empty(shape)
+    start = 0
+    for g, end in enumerate(offsets_S.tolist()):
+        if end > start:
+            if transpose_w:
+                torch.mm(dy_NO[start:end].t(), x_NI[start:end], out=dw[g])
+            else:
+                torch.mm(x_NI[start:end].t(), dy_NO[start:end], out=dw[g])
+        else:
+            dw[g].zero_()
+        start = end
+    return dw

@@ -1,0 +1,107 @@
+"""The expert-slot ops: what a rewritten MoE block calls.
+
+Legend for shape suffixes: T tokens, D model dim, F ffn dim, E experts, K top-k, S slots, G weight groups
+(one per slot), N = T*K routed rows, I/O a grouped GEMM's input/output width.
+
+The ops are `torch.library.custom_op`s in the ``moecc`` namespace so that Dynamo, AOTAutograd and Inductor see
+one opaque node each, with a fake (shape) implementation and a hand-written backward. Everything around them
+(gathering rows, activations, combining) stays as plain torch ops for Inductor to fuse.
+
+- ``moecc::sort_by_slot(slot_N, num_slots) -> (order_N, inverse_N, offsets_S)``: rows grouped by slot (stable),
+  the inverse permutation, and the int32 *end* offset of each slot's group.
+- ``moecc::grouped_mm(x_NI, weights, offsets_S, transpose_w) -> y_NO``: rows ``offsets[g-1]:offsets[g]`` are
+  multiplied by group ``g``'s weight. ``weights`` is either one stacked ``[G, ., .]`` tensor or a list of G 2-D
+  tensors (ModuleList experts: no stacking copy per call). ``transpose_w`` means a weight is stored ``[O, I]``
+  (``nn.Linear``'s layout, ``y = x @ w.T``); otherwise it is ``[I, O]``. Rows past the last offset are zero.
+- ``moecc::grouped_mm_wgrad(x_NI, dy_NO, offsets_S, transpose_w) -> dw_G..``: the weight gradient, stacked.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels_cpu
+
+
+def _weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
+    """(groups, in width, out width) of a grouped weight argument."""
+    if len(weights) == 1 and weights[0].dim() == 3:
+        groups, a, b = weights[0].shape
+    else:
+        groups = len(weights)
+        a, b = weights[0].shape
+    return (groups, b, a) if transpose_w else (groups, a, b)
+
+
+@torch.library.custom_op("moecc::sort_by_slot", mutates_args=())
+def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable order of rows by slot, its inverse, and the int32 end offset of each slot's rows."""
+    return kernels_cpu.sort_by_slot(slot_N, num_slots)
+
+
+@sort_by_slot.register_fake
+def _(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    rows = slot_N.new_empty(slot_N.shape, dtype=torch.int64)
+    return rows, torch.empty_like(rows), slot_N.new_empty((num_slots,), dtype=torch.int32)
+
+
+@torch.library.custom_op("moecc::grouped_mm", mutates_args=())
+def grouped_mm(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    """Grouped GEMM over contiguous row groups (see the module docstring)."""
+    return kernels_cpu.grouped_mm(x_NI, weights, offsets_S, transpose_w)
+
+
+@grouped_mm.register_fake
+def _(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    groups, width_in, width_out = _weight_io(weights, transpose_w)
+    torch._check(offsets_S.shape[0] == groups, lambda: "moecc::grouped_mm: one offset per weight group")
+    torch._check(x_NI.shape[-1] == width_in, lambda: "moecc::grouped_mm: x width != weight input width")
+    return x_NI.new_empty((x_NI.shape[0], width_out))
+
+
+@torch.library.custom_op("moecc::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    """Per-group weight gradient, stacked ``[G, O, I]`` if ``transpose_w`` else ``[G, I, O]``."""
+    return kernels_cpu.grouped_mm_wgrad(x_NI, dy_NO, offsets_S, transpose_w)
+
+
+@grouped_mm_wgrad.register_fake
+def _(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transpose_w: bool) -> Tensor:
+    groups = offsets_S.shape[0]
+    shape = (groups, dy_NO.shape[1], x_NI.shape[1]) if transpose_w else (groups, x_NI.shape[1], dy_NO.shape[1])
+    return x_NI.new_empty(shape)
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x_NI, weights, offsets_S, transpose_w = inputs
+    ctx.transpose_w = transpose_w
+    ctx.stacked = len(weights) == 1 and weights[0].dim() == 3
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(x_NI, offsets_S, *weights)
+
+
+def _grouped_mm_backward(ctx, dy_NO: Tensor):
+    x_NI, offsets_S, *weights = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # y = x w^T  =>  dx = dy w  (and y = x w  =>  dx = dy w^T): the same op with the layout flag flipped.
+        dx = grouped_mm(dy_NO.contiguous(), weights, offsets_S, not ctx.transpose_w)
+    dweights = None
+    if ctx.needs_input_grad[1]:
+        dw = grouped_mm_wgrad(x_NI, dy_NO.contiguous(), offsets_S, ctx.transpose_w)
+        dweights = [dw] if ctx.stacked else list(dw.unbind(0))
+    return dx, dweights, None, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _load_device_kernels() -> None:
+    """Register CUDA (Triton) implementations of the ops when that module and a GPU toolchain are present."""
+    try:
+        from . import kernels_cuda  # noqa: F401  (registers on import)
+    except ImportError:
+        pass
+
+
+_load_device_kernels()

@@ -1,0 +1,183 @@
+"""The cost formulas, in sympy: compute per slot and rank, all-to-all by level, step time, switch cost.
+
+Symbols (one legend for reports): n tokens on a slot, N_r tokens on rank r, D model dim, F expert ffn dim,
+b bytes per activation element, o GEMM call overhead, theta(x) achieved GEMM flop/s at a problem of x flops (the
+profile's table), B_mem memory bandwidth, lambda/B latency and bandwidth of a link level, f_intra/f_inter the
+fraction of a rank's received rows that cross each level, P passes over the all-to-all per step, c compute
+multiplier (1 forward, 3 forward + backward), Z bytes per expert moved on a switch, m_r slots rank r must refill.
+
+The model of one MoE layer's step::
+
+    t_gemm(n, k, m) = o + 2 n k m / theta(2 n k m)                          (0 when n = 0: the kernel skips it)
+    t_ffn(n)        = c * (2 t_gemm(n, D, F) + t_gemm(n, F, D) + 5 n F b / B_mem)   SwiGLU: gate, up, down, act
+    compute_r       = sum over slots s on r of t_ffn(n_s)
+    t_a2a           = lambda + max_r N_r * D * b * max(f_intra / B_intra, f_inter / B_inter)
+    T_step          = max_r compute_r + P * t_a2a
+    T_switch        = lambda_move + max_r m_r * Z / B_move
+
+Token sources are spread evenly over ranks (data parallel batches), so rank r receives ``N_r (R-1)/R`` rows and
+the all-to-all ends when the most loaded receiver does: imbalance costs twice, in compute and in communication.
+The expressions stay symbolic for reports; ``compile_cost_model`` substitutes a profile and lambdifies them into
+plain Python functions for the search.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import sympy as sp
+from sympy.utilities.lambdify import implemented_function
+
+from .placement import EMPTY, Placement, SlotLayout
+from .profile import Profile
+
+n, N, D, F, b, o, B_mem, c, P = sp.symbols("n N_r D F b o B_mem c P", nonnegative=True)
+lam, f_intra, f_inter, B_intra, B_inter = sp.symbols("lambda f_intra f_inter B_intra B_inter", nonnegative=True)
+lam_move, B_move, Z, m = sp.symbols("lambda_move B_move Z m_r", nonnegative=True)
+theta = sp.Function("theta")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertDims:
+    """What the formulas need to know about the model: one SwiGLU expert and how the step runs.
+
+    ``state_bytes_per_param`` is what moves with a parameter on a switch besides the parameter itself (fp32 Adam:
+    master copy + two moments = 12). ``training`` adds the backward pass: two GEMMs per forward GEMM, and the
+    all-to-all twice more.
+    """
+
+    d_model: int
+    d_ffn: int
+    act_bytes: int = 2
+    param_bytes: int = 2
+    state_bytes_per_param: int = 12
+    training: bool = True
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.d_model * self.d_ffn
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes a rank holds per expert slot and moves on a switch (weights + optimizer state)."""
+        return self.expert_params * (self.param_bytes + self.state_bytes_per_param)
+
+
+def gemm_time_expr(rows, k, m_out):
+    flops = 2 * rows * k * m_out
+    return sp.Piecewise((0, sp.Le(rows, 0)), (o + flops / theta(flops), True))
+
+
+def ffn_time_expr():
+    """Seconds for one slot's tokens through a SwiGLU expert FFN (three GEMMs and the activation)."""
+    return c * (2 * gemm_time_expr(n, D, F) + gemm_time_expr(n, F, D) + 5 * n * F * b / B_mem)
+
+
+def a2a_time_expr():
+    """Seconds for one all-to-all (dispatch or combine), set by the most loaded receiving rank."""
+    return lam + N * D * b * sp.Max(f_intra / B_intra, f_inter / B_inter)
+
+
+def switch_time_expr():
+    """Seconds to move to another placement: the rank with the most slots to refill sets the pace."""
+    return lam_move + m * Z / B_move
+
+
+def step_time_expr(layout: SlotLayout):
+    """The whole step as one expression over per-slot token symbols ``n_{r,s}`` (for reports on small layouts)."""
+    ffn = ffn_time_expr()
+    slot_syms = [[sp.Symbol(f"n_{r}_{s}", nonnegative=True) for s in range(layout.slots_per_rank)]
+                 for r in range(layout.ranks)]
+    compute = sp.Max(*[sum(ffn.subs(n, x) for x in row) for row in slot_syms])
+    comm = P * a2a_time_expr().subs(N, sp.Max(*[sum(row) for row in slot_syms]))
+    return compute + comm, slot_syms
+
+
+def link_fractions(profile: Profile, ranks: int) -> tuple[float, float]:
+    """Fractions of a rank's received rows that come over intra-node and inter-node links."""
+    per_node = min(profile.devices_per_node, ranks)
+    return (per_node - 1) / ranks, (ranks - per_node) / ranks
+
+
+def constants(profile: Profile, dims: ExpertDims, ranks: int) -> dict:
+    """The numeric value of every symbol but the token counts and theta."""
+    f_in, f_out = link_fractions(profile, ranks)
+    latency = (profile.intra_node.latency_s if f_in > 0 else 0.0) + (profile.inter_node.latency_s if f_out > 0 else 0.0)
+    return {
+        D: dims.d_model, F: dims.d_ffn, b: dims.act_bytes, o: profile.gemm.call_overhead_s,
+        B_mem: profile.memory_bandwidth_Bps, c: 3 if dims.training else 1, P: 4 if dims.training else 2,
+        lam: latency if ranks > 1 else 0.0, f_intra: f_in, f_inter: f_out,
+        B_intra: profile.intra_node.bandwidth_Bps, B_inter: profile.inter_node.bandwidth_Bps,
+        lam_move: profile.param_move.latency_s, B_move: profile.param_move.bandwidth_Bps, Z: dims.expert_bytes,
+    }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CostModel:
+    """The formulas compiled for one profile, model and rank count: plain Python callables of token counts."""
+
+    profile: Profile
+    dims: ExpertDims
+    ranks: int
+    ffn_s: Callable[[float], float]
+    a2a_s: Callable[[float], float]
+    passes: int
+    switch_s_of: Callable[[float], float]
+
+    def rank_compute_s(self, placement: Placement, load_E: list[float]) -> list[float]:
+        n_S = placement.tokens_per_slot(load_E)
+        k = placement.layout.slots_per_rank
+        return [sum(self.ffn_s(x) for x in n_S[r * k:(r + 1) * k]) for r in range(placement.layout.ranks)]
+
+    def step_s(self, placement: Placement, load_E: list[float]) -> float:
+        """Predicted seconds of one step of this layer under ``placement`` with loads ``load_E``."""
+        compute = max(self.rank_compute_s(placement, load_E))
+        comm = self.passes * self.a2a_s(max(placement.tokens_per_rank(load_E))) if self.ranks > 1 else 0.0
+        return compute + comm
+
+    def switch_s(self, src: Placement, dst: Placement) -> float:
+        """Seconds to go from ``src`` to ``dst``: weights and optimizer state of every slot whose expert changes."""
+        return self.switch_s_of(max(slots_to_refill(src, dst))) if src.expert_S != dst.expert_S else 0.0
+
+    def per_token_s(self, tokens_per_slot: float) -> float:
+        """Marginal seconds per token on the busiest rank around ``tokens_per_slot``: the planner's linear model."""
+        lo, hi = max(1.0, 0.5 * tokens_per_slot), max(2.0, 2.0 * tokens_per_slot)
+        slope = (self.ffn_s(hi) - self.ffn_s(lo)) / (hi - lo)
+        comm = self.passes * (self.a2a_s(hi) - self.a2a_s(lo)) / (hi - lo) if self.ranks > 1 else 0.0
+        return slope + comm
+
+
+def slots_to_refill(src: Placement, dst: Placement) -> list[int]:
+    """Per rank, how many slots get an expert they did not hold before (empty targets cost nothing)."""
+    k = dst.layout.slots_per_rank
+    return [sum(1 for s in range(r * k, (r + 1) * k) if dst.expert_S[s] != EMPTY and dst.expert_S[s] != src.expert_S[s])
+            for r in range(dst.layout.ranks)]
+
+
+@lru_cache(maxsize=64)
+def compile_cost_model(profile: Profile, dims: ExpertDims, ranks: int) -> CostModel:
+    """Substitute the profile into the formulas and lambdify them (plain ``math`` code, no numpy needed)."""
+    consts = constants(profile, dims, ranks)
+    theta_impl = implemented_function("theta", profile.gemm.flops_per_s)
+
+    def compile_(expr, var):
+        expr = expr.subs(consts).replace(theta, theta_impl)
+        return sp.lambdify(var, expr, modules="math")
+
+    return CostModel(profile=profile, dims=dims, ranks=ranks, ffn_s=compile_(ffn_time_expr(), n),
+                     a2a_s=compile_(a2a_time_expr(), N), passes=int(consts[P]),
+                     switch_s_of=compile_(switch_time_expr(), m))
+
+
+def numeric_formula(expr, profile: Profile, dims: ExpertDims, ranks: int, values: dict) -> tuple[str, float]:
+    """The formula with every symbol replaced by its number (for reports), and its value."""
+    subs = {**constants(profile, dims, ranks), **values}
+    filled = expr.subs(subs)
+    numeric = filled.replace(theta, lambda x: sp.Float(profile.gemm.flops_per_s(float(x)), 4))
+    return str(sp.N(filled, 4)), float(numeric.evalf())
+
+
+def isclose(a: float, b_: float) -> bool:
+    return math.isclose(a, b_, rel_tol=1e-9, abs_tol=1e-12)

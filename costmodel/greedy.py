@@ -1,0 +1,72 @@
+"""The two baselines the planner is judged against, and its warm start.
+
+- ``static_placement``: round-robin expert parallelism, expert e on rank ``e % R``: what every framework does.
+- ``greedy_placement``: SmartMoE's online heuristic, LPT (longest processing time first) with FlexMoE-style
+  replicas: spare slots go to the experts with the most tokens per replica, then replicas are placed hottest
+  first on the least loaded rank that has a free slot and does not hold that expert yet.
+"""
+from __future__ import annotations
+
+import heapq
+
+from .placement import Placement, SlotLayout, placement_from_ranks
+
+
+class InfeasibleError(ValueError):
+    """The inputs admit no placement (more experts than slots, experts that do not fit in memory, ...)."""
+
+
+def check_feasible(layout: SlotLayout, num_experts: int) -> None:
+    if num_experts > layout.num_slots:
+        raise InfeasibleError(f"{num_experts} experts do not fit in {layout.ranks} ranks x {layout.slots_per_rank} "
+                              f"slots = {layout.num_slots} slots; raise --slots-per-rank to at least "
+                              f"{-(-num_experts // layout.ranks)} or use more ranks")
+
+
+def static_placement(layout: SlotLayout, num_experts: int) -> Placement:
+    """Expert e on rank ``e % R``, no replicas; slots beyond ``ceil(E / R)`` per rank stay empty."""
+    check_feasible(layout, num_experts)
+    ranks: list[list[tuple[int, float]]] = [[] for _ in range(layout.ranks)]
+    for e in range(num_experts):
+        ranks[e % layout.ranks].append((e, 1.0))
+    return placement_from_ranks(layout, num_experts, ranks)
+
+
+def replica_counts(layout: SlotLayout, load_E: list[float]) -> list[int]:
+    """One replica each, then every spare slot to the expert with the most tokens per replica (at most one per rank)."""
+    E = len(load_E)
+    check_feasible(layout, E)
+    count = [1] * E
+    heap = [(-load_E[e], e) for e in range(E)]
+    heapq.heapify(heap)
+    for _ in range(layout.num_slots - E):
+        while heap:
+            _, e = heapq.heappop(heap)
+            if count[e] < layout.ranks:
+                break
+        else:
+            break
+        if load_E[e] <= 0:
+            break
+        count[e] += 1
+        heapq.heappush(heap, (-load_E[e] / count[e], e))
+    return count
+
+
+def greedy_placement(layout: SlotLayout, load_E: list[float]) -> Placement:
+    """LPT over replicas: each replica takes an equal share of its expert's tokens."""
+    E = len(load_E)
+    count = replica_counts(layout, load_E)
+    items = sorted(((load_E[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda t: (-t[0], t[1]))
+    rank_load = [0.0] * layout.ranks
+    ranks: list[dict[int, float]] = [{} for _ in range(layout.ranks)]
+    for tokens, e in items:
+        open_ranks = [r for r in range(layout.ranks) if len(ranks[r]) < layout.slots_per_rank and e not in ranks[r]]
+        if open_ranks:
+            r = min(open_ranks, key=lambda q: (rank_load[q], q))
+        else:
+            # Every rank with a free slot already holds e: fold this replica's share into the least loaded holder.
+            r = min((q for q in range(layout.ranks) if e in ranks[q]), key=lambda q: (rank_load[q], q))
+        ranks[r][e] = ranks[r].get(e, 0.0) + 1.0 / count[e]
+        rank_load[r] += tokens
+    return placement_from_ranks(layout, E, [list(d.items()) for d in ranks])

@@ -1,0 +1,407 @@
+"""The placement-pool planner: a PuLP ILP (bundled CBC) with the LPT greedy as warm start, fallback and baseline.
+
+Planning model (linear, exact for the ILP and for the brute-force check in the tests). A scenario w is one
+window of the trace: its mean load ``L[w][e]`` and the steps it stands for. Under placement k, rank r carries
+``N[k][r][w] = sum_e L[w][e] g[k][r][e]`` tokens, ``g`` being the share of expert e's tokens on rank r. Step time
+is ``kappa * max_r N + const``: both the slowest rank's compute and the all-to-all (set by the busiest receiver)
+grow with the busiest rank's tokens, ``kappa`` is their marginal seconds per token (from the compiled formulas, at
+the workload's operating point). The runtime runs the best pool member per window; changing member costs
+``switch_s``. So the pool's value is::
+
+    min  sum_w p_w * kappa * T_w  +  switch_s / steps * (number of switches)
+
+ILP over plans k, ranks r, experts e, scenarios w:
+
+- ``y[k,r,e]`` binary: rank r of plan k holds e (one slot); ``sum_e y <= slots_per_rank``. Slots are aggregated per
+  rank: which slot of the rank holds e does not change the step time, so it is chosen afterwards (``align_pool``).
+- ``g[k,r,e]`` in [0, y]: the share; ``sum_r g[k,r,e] = 1`` (replicas of hot experts are the ``y`` beyond one).
+- ``T_w >= N[k,r,w] - M_w (1 - a[w,k])``, ``a[w,k]`` binary with ``sum_k a = 1``: the makespan linearised, the
+  member chosen per window; ``M_w`` is the window's total load (no rank can exceed it).
+- ``s[t,k] >= a[t,k] - a[t+1,k]``: counts switches between consecutive windows.
+- Symmetry: ranks within a plan are ordered by their load on the mean scenario, and plan k is first used after
+  plan k-1 (``a[w,k] <= sum_{w'<w} a[w',k-1]``): interchangeable ranks and plans otherwise multiply the search.
+
+Loads are normalised by the balanced rank load so that CBC's tolerances see numbers near 1. CBC runs with a time
+limit; whatever it holds then (at worst the warm start) is returned with its gap.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from .formulas import CostModel, slots_to_refill
+from .greedy import InfeasibleError, check_feasible, greedy_placement
+from .placement import EMPTY, Placement, Pool, SlotLayout, placement_from_ranks
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolPlan:
+    """What the planner chose and how sure it is.
+
+    ``objective_s`` is the planning model's expected seconds per step above the constant part; ``bound_s`` CBC's
+    lower bound on it; ``gap`` their relative difference (0 when proven optimal). ``status`` is ``optimal``,
+    ``time_limit`` (incumbent returned) or ``greedy`` (the ILP had nothing better or failed; the greedy pool).
+    """
+
+    pool: Pool
+    assignment: tuple[int, ...]
+    objective_s: float
+    bound_s: float
+    gap: float
+    solve_s: float
+    status: str
+
+
+# -- the planning model -------------------------------------------------------------------------------------------
+
+def rank_makespan(placement: Placement, load_E: list[float]) -> float:
+    return max(placement.tokens_per_rank(load_E))
+
+
+def best_assignment(cost_WK: list[list[float]], steps_W: list[int], switch_s: list[list[float]] | float
+                    ) -> tuple[float, list[int]]:
+    """The member to run per window minimising total time (step costs x steps + switches): Viterbi over windows.
+
+    ``cost_WK`` are seconds per step; ``switch_s`` one number for every change or a K x K matrix. Returns the mean
+    seconds per step and the member per window.
+    """
+    W, K = len(cost_WK), len(cost_WK[0])
+    sw = switch_s if isinstance(switch_s, list) else [[0.0 if i == j else switch_s for j in range(K)] for i in range(K)]
+    best = [cost_WK[0][k] * steps_W[0] for k in range(K)]
+    back: list[list[int]] = []
+    for w in range(1, W):
+        prev = [min(range(K), key=lambda i: best[i] + sw[i][k]) for k in range(K)]
+        best = [best[prev[k]] + sw[prev[k]][k] + cost_WK[w][k] * steps_W[w] for k in range(K)]
+        back.append(prev)
+    k = min(range(K), key=lambda i: best[i])
+    total = best[k]
+    path = [k]
+    for prev in reversed(back):
+        k = prev[k]
+        path.append(k)
+    return total / sum(steps_W), path[::-1]
+
+
+def planning_objective(pool: Pool, load_WE: list[list[float]], steps_W: list[int], kappa: float,
+                       switch_s: float) -> float:
+    """The ILP's objective evaluated for any pool (greedy, brute force, ...): seconds per step above the constant."""
+    cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
+    return best_assignment(cost, steps_W, switch_s)[0]
+
+
+def linear_terms(model: CostModel, layout: SlotLayout, load_WE: list[list[float]]) -> tuple[float, float]:
+    """``kappa`` (seconds per token on the busiest rank) and the switch cost the ILP charges per switch.
+
+    The switch charge assumes a whole rank's slots are refilled: the worst case, so a pool only switches when it
+    pays for itself even then; the reported numbers use the real moves of the chosen pool.
+    """
+    mean_tokens = sum(sum(row) for row in load_WE) / len(load_WE)
+    kappa = model.per_token_s(mean_tokens / layout.num_slots)
+    return kappa, model.switch_s_of(layout.slots_per_rank)
+
+
+# -- pools from the greedy: warm start, fallback, baseline ------------------------------------------------------
+
+def _kmeans_groups(load_WE: list[list[float]], K: int, iters: int = 20) -> list[int]:
+    """Group windows with similar load shapes (normalised loads, farthest-point start, Lloyd steps)."""
+    shapes = [[x / (sum(row) or 1.0) for x in row] for row in load_WE]
+    dist = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b))  # noqa: E731
+    centres = [shapes[0]]
+    while len(centres) < min(K, len(shapes)):
+        centres.append(max(shapes, key=lambda s: min(dist(s, c) for c in centres)))
+    group = [0] * len(shapes)
+    for _ in range(iters):
+        group = [min(range(len(centres)), key=lambda k: dist(s, centres[k])) for s in shapes]
+        for k in range(len(centres)):
+            members = [s for s, g in zip(shapes, group) if g == k]
+            if members:
+                centres[k] = [sum(col) / len(members) for col in zip(*members)]
+    return group
+
+
+def _mean_load(load_WE: list[list[float]], steps_W: list[int], members: list[int]) -> list[float]:
+    total = sum(steps_W[w] for w in members)
+    return [sum(load_WE[w][e] * steps_W[w] for w in members) / total for e in range(len(load_WE[0]))]
+
+
+def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, kappa: float,
+                switch_s: float) -> tuple[Pool, list[int]]:
+    """K LPT placements, one per group of similar windows, regrouped by which member serves each window best."""
+    group = _kmeans_groups(load_WE, K)
+    pool = None
+    for _ in range(3):
+        used = sorted(set(group))
+        placements = tuple(greedy_placement(layout, _mean_load(load_WE, steps_W, [w for w, g in enumerate(group) if g == k]))
+                           for k in used)
+        pool = Pool(layout=layout, placements=placements)
+        cost = [[kappa * rank_makespan(p, load_E) for p in placements] for load_E in load_WE]
+        _, regroup = best_assignment(cost, steps_W, switch_s)
+        if regroup == [used.index(g) for g in group]:
+            break
+        group = regroup
+    cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
+    return pool, best_assignment(cost, steps_W, switch_s)[1]
+
+
+# -- the ILP ---------------------------------------------------------------------------------------------------
+
+def _cbc_bound(log_text: str) -> float | None:
+    """CBC's best lower bound from its log (PuLP does not expose it)."""
+    for pattern in (r"Lower bound:\s*([-\d.eE+]+)", r"best possible\s*([-\d.eE+]+)"):
+        found = re.findall(pattern, log_text)
+        if found:
+            return float(found[-1])
+    return None
+
+
+def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, *, kappa: float,
+                   switch_s: float, warm: tuple[Pool, list[int]] | None = None, time_limit_s: float = 10.0,
+                   gap_rel: float = 1e-6, threads: int = 1) -> PoolPlan | None:
+    """Solve the pool ILP (module docstring); None when CBC finds no solution in time (the caller falls back)."""
+    started = time.perf_counter()
+    W, E, R, S = len(load_WE), len(load_WE[0]), layout.ranks, layout.slots_per_rank
+    check_feasible(layout, E)
+    K = min(K, W)
+    scale = sum(sum(row) for row in load_WE) / W / R or 1.0
+    L = [[x / scale for x in row] for row in load_WE]
+    p = [s / sum(steps_W) for s in steps_W]
+    total = [sum(row) for row in L]
+    mean = [sum(L[w][e] * p[w] for w in range(W)) for e in range(E)]
+    per_switch = switch_s / (kappa * scale * sum(steps_W))
+
+    prob = pulp.LpProblem("moecc_pool", pulp.LpMinimize)
+    ks, rs, es, ws = range(K), range(R), range(E), range(W)
+    y = {(k, r, e): pulp.LpVariable(f"y_{k}_{r}_{e}", cat="Binary") for k in ks for r in rs for e in es}
+    g = {(k, r, e): pulp.LpVariable(f"g_{k}_{r}_{e}", 0, 1) for k in ks for r in rs for e in es}
+    T = {w: pulp.LpVariable(f"T_{w}", 0) for w in ws}
+    a = {(w, k): pulp.LpVariable(f"a_{w}_{k}", cat="Binary") for w in ws for k in ks} if K > 1 else {}
+    sw = {(w, k): pulp.LpVariable(f"s_{w}_{k}", 0) for w in range(W - 1) for k in ks} if K > 1 else {}
+    prob += pulp.lpSum(p[w] * T[w] for w in ws) + per_switch * pulp.lpSum(sw.values())
+
+    for k in ks:
+        for r in rs:
+            prob += pulp.lpSum(y[k, r, e] for e in es) <= S
+            for e in es:
+                prob += g[k, r, e] <= y[k, r, e]
+        for e in es:
+            prob += pulp.lpSum(g[k, r, e] for r in rs) == 1
+        rank_load = {(r, w): pulp.lpSum(L[w][e] * g[k, r, e] for e in es if L[w][e]) for r in rs for w in ws}
+        for r in rs:
+            if r + 1 < R:
+                prob += pulp.lpSum(mean[e] * g[k, r, e] for e in es) >= pulp.lpSum(mean[e] * g[k, r + 1, e] for e in es)
+            for w in ws:
+                if K == 1:
+                    prob += T[w] >= rank_load[r, w]
+                else:
+                    prob += T[w] >= rank_load[r, w] - total[w] * (1 - a[w, k])
+    if K > 1:
+        for w in ws:
+            prob += pulp.lpSum(a[w, k] for k in ks) == 1
+            for k in ks:
+                if k == 0:
+                    continue
+                prob += a[w, k] <= pulp.lpSum(a[v, k - 1] for v in range(w))
+                # fixed: a window can only open plan k after plan k-1 has been opened
+        for w in range(W - 1):
+            for k in ks:
+                prob += sw[w, k] >= a[w, k] - a[w + 1, k]
+
+    if warm is not None:
+        _set_warm_start(warm, L, y, g, T, a, sw, K, p)
+    log_fd, log_path = tempfile.mkstemp(suffix=".cbc.log")
+    os.close(log_fd)
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)), gapRel=gap_rel, threads=threads,
+                               warmStart=warm is not None, logPath=log_path)
+    try:
+        prob.solve(solver)
+        log_text = open(log_path).read()
+    except pulp.PulpSolverError:
+        return None
+    finally:
+        os.unlink(log_path)
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None
+
+    placements = []
+    for k in ks:
+        ranks = [[(e, g[k, r, e].value()) for e in es if (y[k, r, e].value() or 0) > 0.5 and (g[k, r, e].value() or 0) > 1e-7]
+                 for r in rs]
+        placements.append(_normalised(layout, E, ranks))
+    assignment = [max(ks, key=lambda k: a[w, k].value() or 0) for w in ws] if K > 1 else [0] * W
+    used = sorted(set(assignment))
+    pool = Pool(layout=layout, placements=tuple(placements[k] for k in used))
+    assignment = [used.index(k) for k in assignment]
+    objective = pulp.value(prob.objective) * kappa * scale
+    optimal = prob.sol_status == pulp.LpSolutionOptimal and "Stopped on time" not in log_text
+    bound = _cbc_bound(log_text)
+    bound_s = objective if optimal or bound is None and optimal else (bound * kappa * scale if bound is not None else 0.0)
+    gap = 0.0 if optimal else max(0.0, (objective - bound_s) / objective) if objective > 0 else 0.0
+    return PoolPlan(pool=pool, assignment=tuple(assignment), objective_s=objective, bound_s=bound_s, gap=gap,
+                    solve_s=time.perf_counter() - started, status="optimal" if optimal else "time_limit")
+
+
+def _normalised(layout: SlotLayout, E: int, ranks: list[list[tuple[int, float]]]) -> Placement:
+    """Shares from the solver, rescaled so each expert's sum to exactly 1 (CBC rounds at 1e-9 or so)."""
+    total = [0.0] * E
+    for items in ranks:
+        for e, f in items:
+            total[e] += f
+    return placement_from_ranks(layout, E, [[(e, f / total[e]) for e, f in items] for items in ranks])
+
+
+def _set_warm_start(warm, L, y, g, T, a, sw, K, p) -> None:
+    """A complete feasible point for CBC: the warm pool, its ranks sorted as the symmetry constraints demand."""
+    pool, assignment = warm
+    W, E = len(L), len(L[0])
+    mean = [sum(L[w][e] * p[w] for w in range(W)) for e in range(E)]
+    plans = list(pool.placements)
+    while len(plans) < K:
+        plans.append(plans[-1])
+    # plan order must follow first use (symmetry constraint on a)
+    order = []
+    for k in assignment:
+        if k not in order:
+            order.append(k)
+    order += [k for k in range(len(plans)) if k not in order]
+    remap = {old: new for new, old in enumerate(order)}
+    for new, old in enumerate(order[:K]):
+        share = [[0.0] * E for _ in range(pool.layout.ranks)]
+        for s, (e, f) in enumerate(zip(plans[old].expert_S, plans[old].share_S)):
+            if e != EMPTY:
+                share[pool.layout.rank_of(s)][e] += f
+        share.sort(key=lambda row: -sum(mean[e] * row[e] for e in range(E)))
+        for r, row in enumerate(share):
+            for e in range(E):
+                y[new, r, e].setInitialValue(1 if row[e] > 0 else 0)
+                g[new, r, e].setInitialValue(row[e])
+    chosen = [remap[k] for k in assignment]
+    for w in range(W):
+        k_share = [[0.0] * E for _ in range(pool.layout.ranks)]
+        plan = plans[order[chosen[w]]]
+        for s, (e, f) in enumerate(zip(plan.expert_S, plan.share_S)):
+            if e != EMPTY:
+                k_share[pool.layout.rank_of(s)][e] += f
+        T[w].setInitialValue(max(sum(L[w][e] * row[e] for e in range(E)) for row in k_share))
+        if K > 1:
+            for k in range(K):
+                a[w, k].setInitialValue(1 if chosen[w] == k else 0)
+    if K > 1:
+        for w in range(W - 1):
+            for k in range(K):
+                sw[w, k].setInitialValue(max(0, (chosen[w] == k) - (chosen[w + 1] == k)))
+
+
+# -- after the solve: cheap switches -----------------------------------------------------------------------------
+
+def align_pool(pool: Pool) -> Pool:
+    """Relabel ranks and order slots so that consecutive members share as many slots as possible.
+
+    Ranks are interchangeable in the model, so this changes no step time, only the bytes a switch moves.
+    """
+    layout = pool.layout
+    out = [pool.placements[0]]
+    for p in pool.placements[1:]:
+        prev = out[-1]
+        prev_sets = [set(x for x in row if x != EMPTY) for row in prev.experts_per_rank()]
+        items = [[(e, f) for e, f in zip(p.expert_S[s.start:s.stop], p.share_S[s.start:s.stop]) if e != EMPTY]
+                 for s in (layout.slots_of(r) for r in range(layout.ranks))]
+        free = set(range(layout.ranks))
+        target: list[list[tuple[int, float]]] = [[] for _ in range(layout.ranks)]
+        for r in sorted(range(layout.ranks), key=lambda r: -len(items[r])):
+            best = max(free, key=lambda q: (len(prev_sets[q] & {e for e, _ in items[r]}), -q))
+            free.remove(best)
+            target[best] = items[r]
+        expert_S, share_S = [], []
+        for r in range(layout.ranks):
+            prev_row = prev.experts_per_rank()[r]
+            mine = dict(target[r])
+            row_e = [e if e in mine else None for e in prev_row]
+            rest = [e for e in mine if e not in row_e]
+            row_e = [e if e is not None else (rest.pop(0) if rest else EMPTY) for e in row_e]
+            expert_S += row_e
+            share_S += [mine.get(e, 0.0) if e != EMPTY else 0.0 for e in row_e]
+        out.append(Placement(layout=layout, num_experts=p.num_experts, expert_S=tuple(expert_S), share_S=tuple(share_S)))
+    return Pool(layout=layout, placements=tuple(out))
+
+
+# -- the planner ------------------------------------------------------------------------------------------------
+
+def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, model: CostModel, *,
+              time_limit_s: float = 10.0, gap_rel: float = 1e-4, use_ilp: bool = True) -> PoolPlan:
+    """Choose a pool of at most K placements for the scenarios; the greedy pool when the ILP cannot improve it.
+
+    Raises ``InfeasibleError`` for inputs no placement satisfies: more experts than slots, or slots whose
+    experts (weights + optimizer state) exceed the profile's device memory.
+    """
+    started = time.perf_counter()
+    E = len(load_WE[0])
+    check_feasible(layout, E)
+    check_memory(layout, model)
+    kappa, switch_s = linear_terms(model, layout, load_WE)
+    warm = greedy_pool(layout, load_WE, steps_W, K, kappa, switch_s)
+    warm_obj = planning_objective(warm[0], load_WE, steps_W, kappa, switch_s)
+    result = None
+    if use_ilp:
+        result = solve_pool_ilp(layout, load_WE, steps_W, K, kappa=kappa, switch_s=switch_s, warm=warm,
+                                time_limit_s=time_limit_s, gap_rel=gap_rel)
+    if result is None or result.objective_s > warm_obj * (1 + 1e-9):
+        result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=0.0,
+                          gap=1.0 if warm_obj > 0 else 0.0, solve_s=0.0, status="greedy")
+    return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
+                    bound_s=result.bound_s, gap=result.gap, solve_s=time.perf_counter() - started, status=result.status)
+
+
+def check_memory(layout: SlotLayout, model: CostModel) -> None:
+    need = layout.slots_per_rank * model.dims.expert_bytes
+    if need > model.profile.device_memory_bytes:
+        raise InfeasibleError(
+            f"{layout.slots_per_rank} slots per rank x {model.dims.expert_bytes / 1e9:.3g} GB per expert (weights + "
+            f"optimizer state) = {need / 1e9:.3g} GB exceeds the profile's device_memory_bytes "
+            f"({model.profile.device_memory_bytes / 1e9:.3g} GB); use fewer slots per rank or more ranks")
+    if layout.ranks > model.profile.max_ranks:
+        raise InfeasibleError(f"{layout.ranks} ranks exceed the profile's {model.profile.nodes} nodes x "
+                              f"{model.profile.devices_per_node} devices")
+
+
+# -- evaluation with the full model: reports and the runtime ---------------------------------------------------
+
+def evaluate_pool(pool: Pool, load_E: list[float], current: int, model: CostModel) -> list[tuple[float, float]]:
+    """For the runtime: each member's predicted step seconds on ``load_E`` (a recent window's mean loads) and the
+    seconds to switch to it from member ``current``. Pick ``argmin(step * steps_ahead + switch)``."""
+    src = pool.placements[current]
+    return [(model.step_s(p, load_E), model.switch_s(src, p)) for p in pool.placements]
+
+
+def choose_member(pool: Pool, load_E: list[float], current: int, model: CostModel, steps_ahead: int) -> int:
+    costs = evaluate_pool(pool, load_E, current, model)
+    return min(range(len(costs)), key=lambda k: (costs[k][0] * steps_ahead + costs[k][1], k != current))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolEvaluation:
+    expected_step_s: float
+    step_s_WK: tuple[tuple[float, ...], ...]
+    assignment: tuple[int, ...]
+    switches: int
+    switch_s_total: float
+
+
+def simulate_pool(pool: Pool, load_WE: list[list[float]], steps_W: list[int], model: CostModel) -> PoolEvaluation:
+    """Expected step seconds with the best member per window, switch costs (real bytes moved) included."""
+    K = len(pool)
+    step = [[model.step_s(p, load_E) for p in pool.placements] for load_E in load_WE]
+    sw = [[model.switch_s(pool.placements[i], pool.placements[j]) for j in range(K)] for i in range(K)]
+    mean, path = best_assignment(step, steps_W, sw)
+    switches = [(i, j) for i, j in zip(path, path[1:]) if i != j]
+    return PoolEvaluation(expected_step_s=mean, step_s_WK=tuple(tuple(r) for r in step), assignment=tuple(path),
+                          switches=len(switches), switch_s_total=sum(sw[i][j] for i, j in switches))
+
+
+def refill_counts(src: Placement, dst: Placement) -> list[int]:
+    return slots_to_refill(src, dst)

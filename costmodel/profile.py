@@ -1,0 +1,220 @@
+"""Hardware profiles: what the cost model knows about a machine, as a versioned JSON file.
+
+File format (``"format": "moecc-profile"``, ``"version": 1``); every field is required, unknown fields are refused
+so that a typo cannot silently fall back to a default::
+
+    {
+      "format": "moecc-profile", "version": 1,
+      "name": "h100-sxm-8x", "source": "datasheet | measured by moecc calibrate ...", "notes": "free text",
+      "nodes": 8, "devices_per_node": 8,
+      "device_memory_bytes": 80e9,           # what one rank may spend on expert slots (weights + grads + optimizer)
+      "memory_bandwidth_Bps": 3.35e12,       # streaming bandwidth, for elementwise work
+      "gemm": {"dtype": "bfloat16",
+               "call_overhead_s": 4e-6,      # fixed cost per GEMM call (launch, Python, tiling set-up)
+               "table": [[flops, flops_per_s], ...]},  # achieved throughput by problem size, sorted by flops
+      "all_to_all": {"intra_node": {"bandwidth_Bps": ..., "latency_s": ...},
+                     "inter_node": {"bandwidth_Bps": ..., "latency_s": ...}},
+      "param_move": {"bandwidth_Bps": ..., "latency_s": ...}   # moving expert weights + optimizer state
+    }
+
+The GEMM table is the calibrated part: achieved throughput differs by orders of magnitude between a GEMM of a few
+rows and a large one, and MoE experts live at the small end under skew. Between points it is interpolated
+linearly in log(flops)-log(throughput); outside the table the nearest point holds. Bandwidths are per rank and per
+direction. Hand-tuning means editing these numbers; ``calibrate.fit_step_times`` scales them from measured steps.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+FORMAT = "moecc-profile"
+VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the offending field."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Link:
+    bandwidth_Bps: float
+    latency_s: float
+
+    def time_s(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GemmTable:
+    """Achieved GEMM throughput by problem size: ``points`` are ``(flops, flops_per_s)`` sorted by flops."""
+
+    dtype: str
+    call_overhead_s: float
+    points: tuple[tuple[float, float], ...]
+
+    def flops_per_s(self, flops: float) -> float:
+        """Throughput at ``flops``, log-log interpolated, clamped to the end points."""
+        xs = [p[0] for p in self.points]
+        if flops <= xs[0]:
+            return self.points[0][1]
+        if flops >= xs[-1]:
+            return self.points[-1][1]
+        i = bisect.bisect_right(xs, flops)
+        (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
+        t = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+
+    def time_s(self, m: float, k: float, n: float) -> float:
+        """Seconds for one ``[m, k] @ [k, n]`` GEMM; zero rows cost nothing (the grouped kernel skips them)."""
+        if m <= 0:
+            return 0.0
+        flops = 2.0 * m * k * n
+        return self.call_overhead_s + flops / self.flops_per_s(flops)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Profile:
+    name: str
+    source: str
+    notes: str
+    nodes: int
+    devices_per_node: int
+    device_memory_bytes: float
+    memory_bandwidth_Bps: float
+    gemm: GemmTable
+    intra_node: Link
+    inter_node: Link
+    param_move: Link
+
+    @property
+    def max_ranks(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+# -- reading and writing ------------------------------------------------------------------------------------------
+
+_TOP = {"format", "version", "name", "source", "notes", "nodes", "devices_per_node", "device_memory_bytes",
+        "memory_bandwidth_Bps", "gemm", "all_to_all", "param_move"}
+_LINK = {"bandwidth_Bps", "latency_s"}
+
+
+def _fields(obj: object, where: str, expected: set[str]) -> dict:
+    if not isinstance(obj, dict):
+        raise ProfileError(f"profile field '{where or '<top>'}' must be an object, got {type(obj).__name__}")
+    missing = sorted(expected - obj.keys())
+    if missing:
+        raise ProfileError(f"profile field '{_join(where, missing[0])}' is missing")
+    unknown = sorted(obj.keys() - expected)
+    if unknown:
+        raise ProfileError(f"profile field '{_join(where, unknown[0])}' is not a profile field (typo?)")
+    return obj
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _number(obj: dict, key: str, where: str, *, positive: bool = True, integer: bool = False) -> float:
+    value = obj[key]
+    name = _join(where, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProfileError(f"profile field '{name}' must be a finite number, got {value!r}")
+    if integer and value != int(value):
+        raise ProfileError(f"profile field '{name}' must be an integer, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ProfileError(f"profile field '{name}' must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _string(obj: dict, key: str, where: str) -> str:
+    if not isinstance(obj[key], str):
+        raise ProfileError(f"profile field '{_join(where, key)}' must be a string, got {obj[key]!r}")
+    return obj[key]
+
+
+def _link(obj: object, where: str) -> Link:
+    d = _fields(obj, where, _LINK)
+    return Link(bandwidth_Bps=_number(d, "bandwidth_Bps", where), latency_s=_number(d, "latency_s", where, positive=False))
+
+
+def _gemm(obj: object) -> GemmTable:
+    d = _fields(obj, "gemm", {"dtype", "call_overhead_s", "table"})
+    table = d["table"]
+    if not isinstance(table, list) or not table:
+        raise ProfileError("profile field 'gemm.table' must be a non-empty list of [flops, flops_per_s]")
+    points = []
+    for i, row in enumerate(table):
+        where = f"gemm.table[{i}]"
+        if not isinstance(row, list) or len(row) != 2:
+            raise ProfileError(f"profile field '{where}' must be [flops, flops_per_s], got {row!r}")
+        pair = dict(zip(("flops", "flops_per_s"), row))
+        points.append((_number(pair, "flops", where), _number(pair, "flops_per_s", where)))
+        if i and points[i][0] <= points[i - 1][0]:
+            raise ProfileError(f"profile field '{where}' must have larger flops than the row before (sorted table)")
+    return GemmTable(dtype=_string(d, "dtype", "gemm"), call_overhead_s=_number(d, "call_overhead_s", "gemm", positive=False),
+                     points=tuple(points))
+
+
+def profile_from_dict(data: object) -> Profile:
+    """Validate a parsed profile; raises ``ProfileError`` naming the first bad field."""
+    d = _fields(data, "", _TOP)
+    if d["format"] != FORMAT:
+        raise ProfileError(f"profile field 'format' must be {FORMAT!r}, got {d['format']!r}")
+    if d["version"] != VERSION:
+        raise ProfileError(f"profile field 'version' is {d['version']!r}; this moecc reads version {VERSION}")
+    a2a = _fields(d["all_to_all"], "all_to_all", {"intra_node", "inter_node"})
+    return Profile(
+        name=_string(d, "name", ""), source=_string(d, "source", ""), notes=_string(d, "notes", ""),
+        nodes=_number(d, "nodes", "", integer=True), devices_per_node=_number(d, "devices_per_node", "", integer=True),
+        device_memory_bytes=_number(d, "device_memory_bytes", ""),
+        memory_bandwidth_Bps=_number(d, "memory_bandwidth_Bps", ""),
+        gemm=_gemm(d["gemm"]),
+        intra_node=_link(a2a["intra_node"], "all_to_all.intra_node"),
+        inter_node=_link(a2a["inter_node"], "all_to_all.inter_node"),
+        param_move=_link(d["param_move"], "param_move"),
+    )
+
+
+def profile_to_dict(p: Profile) -> dict:
+    link = lambda l: {"bandwidth_Bps": l.bandwidth_Bps, "latency_s": l.latency_s}  # noqa: E731
+    return {
+        "format": FORMAT, "version": VERSION, "name": p.name, "source": p.source, "notes": p.notes,
+        "nodes": p.nodes, "devices_per_node": p.devices_per_node,
+        "device_memory_bytes": p.device_memory_bytes, "memory_bandwidth_Bps": p.memory_bandwidth_Bps,
+        "gemm": {"dtype": p.gemm.dtype, "call_overhead_s": p.gemm.call_overhead_s,
+                 "table": [[f, t] for f, t in p.gemm.points]},
+        "all_to_all": {"intra_node": link(p.intra_node), "inter_node": link(p.inter_node)},
+        "param_move": link(p.param_move),
+    }
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile file, or a shipped profile by name (``cpu``, ``h100-sxm-8x``, ``a100-sxm-8x``)."""
+    if not Path(path).exists() and str(path) in builtin_profiles():
+        return builtin_profile(str(path))
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"profile {path} is not valid JSON: {err}") from None
+    try:
+        return profile_from_dict(data)
+    except ProfileError as err:
+        raise ProfileError(f"{path}: {err}") from None
+
+
+def save_profile(p: Profile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile_to_dict(p), indent=2) + "\n")
+
+
+def builtin_profiles() -> list[str]:
+    folder = resources.files("moecc.costmodel") / "profiles"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".json"))
+
+
+def builtin_profile(name: str) -> Profile:
+    text = (resources.files("moecc.costmodel") / "profiles" / f"{name}.json").read_text()
+    return profile_from_dict(json.loads(text))

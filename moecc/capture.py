@@ -1,0 +1,42 @@
+"""Capture: make Dynamo trace data-dependent MoE dispatch into one graph, for moecc's compiles only.
+
+Per-expert loops index with ``torch.where(mask[e])`` (``nonzero``) and sorted dispatch splits by
+``counts.tolist()``: without ``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs`` Dynamo breaks the
+graph there (and skips the whole frame when the break is inside a loop). Both flags are read while Dynamo
+traces, so setting them around ``torch.compile(...)`` does nothing, and a backend's ``backend_ctx_ctor`` is not
+entered for compiled ``nn.Module``s. We therefore wrap Dynamo's frame converter once: a frame being compiled for
+a backend marked ``_moecc_capture`` is traced with both flags on; every other backend sees the flags untouched.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch._dynamo as dynamo
+from torch._dynamo import convert_frame
+from torch._dynamo.eval_frame import innermost_backend
+
+CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+def _wants_capture(converter) -> bool:
+    backend = innermost_backend(getattr(converter, "_torchdynamo_orig_backend", None) or (lambda: None))
+    backend = getattr(backend, "compiler_fn", backend)  # torch.compile's _TorchCompileWrapper
+    return bool(getattr(backend, "_moecc_capture", False))
+
+
+def install() -> None:
+    """Idempotently wrap ``ConvertFrameAssert.__call__`` (the point where Dynamo starts tracing a frame)."""
+    cls = convert_frame.ConvertFrameAssert
+    if getattr(cls.__call__, "_moecc_wrapped", False):
+        return
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+        if _wants_capture(self):
+            with dynamo.config.patch(**CAPTURE_FLAGS):
+                return original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    call._moecc_wrapped = True
+    cls.__call__ = call

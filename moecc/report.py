@@ -1,0 +1,57 @@
+"""``moecc.report()``: what the backend did in this process, one row per MoE block, rendered with rich."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+_blocks: list = []
+
+
+def record_blocks(records) -> None:
+    _blocks.extend(records)
+
+
+def clear() -> None:
+    _blocks.clear()
+
+
+@dataclass(slots=True)
+class Report:
+    """Every MoE block the backend saw, in the order it compiled them."""
+
+    blocks: list = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list:
+        return [b for b in self.blocks if b.rewritten]
+
+    @property
+    def fallbacks(self) -> list:
+        return [b for b in self.blocks if not b.rewritten]
+
+    def table(self) -> Table:
+        table = Table(title="moecc: MoE blocks")
+        for col in ("graph", "block", "form", "spec", "weights", "outcome"):
+            table.add_column(col, overflow="fold")
+        for b in self.blocks:
+            s = b.spec
+            weights = "; ".join(s.experts.layouts) if s.experts else ""
+            style = "green" if b.rewritten else "yellow"
+            table.add_row(b.graph, s.path or "<root>", s.form, s.summary(), weights, f"[{style}]{b.outcome}[/]")
+        return table
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True)
+        with console.capture() as cap:
+            console.print(self.table())
+        return cap.get()
+
+
+def report() -> Report:
+    """What moecc did in this process so far."""
+    return Report(list(_blocks))

@@ -1,0 +1,227 @@
+"""Find the MoE blocks of a Dynamo graph: their router, their experts, and the spec that describes them.
+
+A block is anchored on a ``topk`` over E scores whose E matches an experts container: a ModuleList of E
+identical modules, or parameters stacked ``[E, ...]`` read per expert (``w[e]``) or by a grouped GEMM. The block's
+module path is the closest common module of the router and the experts. Nothing here changes the graph.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .expert_template import _GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
+from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, fake, is_call, module_path,
+                          source_path)
+from .spec import ExpertsSpec, MoESpec, RouterSpec
+
+
+@dataclass(slots=True)
+class Block:
+    """One MoE block: its spec for the report plus the graph nodes the rewrite needs."""
+
+    spec: MoESpec
+    topk: fx.Node
+    indices: fx.Node  # [..., K] expert ids
+    x: fx.Node  # the router's input: the tokens every expert reads rows of
+    template: ExpertTemplate | None = None
+    error: str | None = None  # why this block will not be rewritten
+    param_nodes: dict[str, fx.Node] = field(default_factory=dict)
+
+
+def _params(graph: fx.Graph) -> dict[str, fx.Node]:
+    out = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            path = source_path(node)
+            if path is not None:
+                out[path] = node
+    return out
+
+
+def _modulelist_containers(params: dict[str, fx.Node]) -> dict[str, dict[int, dict[str, fx.Node]]]:
+    """prefix -> {index -> {rest -> node}} for every ``prefix.<i>.rest`` split with identical rests."""
+    found: dict[str, dict[int, dict[str, fx.Node]]] = defaultdict(lambda: defaultdict(dict))
+    for path, node in params.items():
+        parts = path.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                found[".".join(parts[:i])][int(part)][".".join(parts[i + 1:])] = node
+    good = {}
+    for prefix, members in found.items():
+        rests = {frozenset(m) for m in members.values()}
+        if len(members) >= 2 and len(rests) == 1 and sorted(members) == list(range(len(members))):
+            good[prefix] = members
+    return good
+
+
+def _gate_linear(topk: fx.Node, num_experts: int) -> fx.Node | None:
+    """The linear (or matmul) producing the router logits that feed ``topk``."""
+    todo, seen = [topk.args[0]], set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if is_call(n, *LINEAR, *MATMUL):
+            out = fake(n)
+            if out is not None and out.shape[-1] == num_experts:
+                return n
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]) -> RouterSpec:
+    between = ancestors([topk]) - ancestors([gate]) - {gate}
+    names = {getattr(n.target, "__name__", str(n.target)) for n in between}
+    values = [u for u in topk.users if u.args[1] == 0]
+    after = set()
+    for v in values:
+        after |= {u for u in block_nodes if v in ancestors([u])}
+    after_names = {getattr(n.target, "__name__", str(n.target)) for n in after}
+    score = "softmax" if "softmax" in names else "sigmoid" if "sigmoid" in names else "logits"
+    gathers = [n for n in block_nodes if is_call(n, torch.gather, "gather") and topk in ancestors([n])]
+    return RouterSpec(
+        score=score, top_k=k,
+        score_after_topk=score == "logits" and "softmax" in after_names,
+        renormalize=any(is_call(n, "sum", torch.sum) for n in after) and bool(after_names & {"truediv", "div"}),
+        selection_bias=bool(gathers) and any(is_call(n, operator.add, torch.add, "add") for n in between),
+        router_bias=len(gate.args) > 2 and gate.args[2] is not None,
+        grouped=sum(1 for n in between if is_call(n, *TOPK)) > 0,
+        scale=any(is_call(n, operator.mul, torch.mul, "mul") and any(isinstance(a, (int, float)) for a in n.args)
+                  for n in after),
+    )
+
+
+def _stacked_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[fx.Node]):
+    """Stacked expert parameters read per expert as ``w[e]``: (role -> node, per-expert getitem sources)."""
+    stacked, per_expert = {}, [[] for _ in range(num_experts)]
+    for path, node in params.items():
+        value = fake(node)
+        if node in exclude or value is None or value.dim() < 2 or value.shape[0] != num_experts:
+            continue
+        reads = [u for u in node.users if is_call(u, operator.getitem) and isinstance(u.args[1], int)]
+        if reads:
+            stacked[path] = node
+            for u in reads:
+                per_expert[u.args[1] % num_experts].append(u)
+    return stacked, per_expert
+
+
+def _grouped_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[fx.Node]):
+    """Stacked expert parameters consumed whole by a grouped GEMM (HF ``grouped_mm`` experts)."""
+    stacked = {}
+    for path, node in params.items():
+        value = fake(node)
+        if node in exclude or value is None or value.dim() < 2 or value.shape[0] != num_experts:
+            continue
+        users = list(node.users)
+        while users:
+            u = users.pop()
+            name = getattr(u.target, "__name__", str(u.target)).split(".")[-1]
+            if name in _GROUPED_CALLS:
+                stacked[path] = node
+                break
+            if u.op == "call_method" and u.target in ("transpose", "t", "mT", "contiguous"):
+                users.extend(u.users)
+    return stacked
+
+
+def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
+    """Every MoE block of ``gm``, each with a spec, and either a template for the rewrite or an error."""
+    graph = gm.graph
+    params = _params(graph)
+    lists = _modulelist_containers(params)
+    blocks: dict[str, Block] = {}
+    for topk in [n for n in graph.nodes if is_call(n, *TOPK)]:
+        scores = fake(topk.args[0])
+        if scores is None or not isinstance(scores.shape[-1], int):
+            continue
+        num_experts = scores.shape[-1]
+        k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+        if not isinstance(k, int):
+            continue
+        indices = next((u for u in topk.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
+        gate = _gate_linear(topk, num_experts)
+        if indices is None or gate is None:
+            continue
+        router_path = module_path(topk)
+        exclude = {gate.args[1]} if len(gate.args) > 1 else set()
+
+        containers = [(p, m) for p, m in lists.items() if len(m) == num_experts]
+        stacked_loop = _stacked_sources(params, num_experts, exclude)
+        grouped = _grouped_sources(params, num_experts, exclude)
+        best = max(containers, key=lambda pm: (len(common_prefix([pm[0], router_path])), len(pm[0])), default=None)
+        try:
+            if best is not None:
+                prefix, members = best
+                sources = [list(members[e].values()) for e in range(num_experts)]
+                role = {node: rest for e in members for rest, node in members[e].items()}
+                template = extract_template(sources, role.__getitem__, None, graph)
+                experts_path, weights, form, pnames = prefix, "modulelist", None, tuple(sorted(members[0]))
+            elif stacked_loop[0]:
+                stacked, sources = stacked_loop
+                template = extract_template(sources, lambda s: source_path(s.args[0]), stacked, graph)
+                experts_path = common_prefix(stacked) if len(stacked) > 1 else stacked_path_parent(next(iter(stacked)))
+                weights, form, pnames = "stacked", "stacked-loop", tuple(p.split(".")[-1] for p in stacked)
+            elif grouped:
+                template = extract_template([list(grouped.values())], source_path, grouped, graph)
+                experts_path = stacked_path_parent(next(iter(grouped)))
+                weights, form, pnames = "stacked", "grouped_mm", tuple(p.split(".")[-1] for p in grouped)
+            else:
+                continue
+            error = None
+        except TemplateError as exc:
+            template, error = None, str(exc)
+            experts_path = best[0] if best else ""
+            weights, form, pnames = ("modulelist" if best else "stacked"), None, ()
+
+        block_path = common_prefix([router_path, experts_path])
+        if form is None and template is not None:
+            form = _loop_form(template, indices)
+        spec = MoESpec(path=block_path, form=form or "unknown", num_experts=num_experts,
+                       router=_router_spec(topk, gate, k, set(graph.nodes)),
+                       experts=ExpertsSpec(ffn=ffn_kind(template) if template else "unknown", weights=weights,
+                                           path=experts_path, params=pnames,
+                                           layouts=_layouts(template) if template else (),
+                                           biases=any(p.endswith("bias") for p in pnames)))
+        spec.shared_experts = tuple(sorted({_shared_path(module_path(n), block_path) for n in graph.nodes
+                                            if "shared" in module_path(n) and module_path(n).startswith(block_path)}))
+        # A later topk of the same block (the final selection after a group-limited one) replaces the earlier.
+        blocks[block_path] = Block(spec=spec, topk=topk, indices=indices, x=gate.args[0], template=template,
+                                   error=error, param_nodes=params)
+    return list(blocks.values())
+
+
+def _layouts(template: ExpertTemplate) -> tuple[str, ...]:
+    """Each grouped weight as ``role [shape]`` of one expert's slice, in the order the template uses them."""
+    seen = {}
+    for ref in template.weights.values():
+        value = fake(ref.nodes[0])
+        shape = list(value.shape[1:] if ref.stacked else value.shape) if value is not None else []
+        seen.setdefault(ref.role, f"{ref.role} {shape}{' (transposed)' if ref.transposed else ''}")
+    return tuple(seen.values())
+
+
+def stacked_path_parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _shared_path(path: str, block_path: str) -> str:
+    rest = path[len(block_path):].lstrip(".")
+    head = re.match(r"([^.]*shared[^.]*)", rest)
+    return head.group(1) if head else rest
+
+
+def _loop_form(template: ExpertTemplate, indices: fx.Node) -> str:
+    """How a ModuleList block hands rows to its experts: a loop over where/index, dense, or sorted split."""
+    rows = template.per_expert_rows[0]
+    if all(r is rows for r in template.per_expert_rows):
+        return "dense-masked"
+    if is_call(rows, operator.getitem) and is_call(rows.args[0], "split", torch.split):
+        return "sorted"
+    return "loop"

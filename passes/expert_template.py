@@ -1,0 +1,231 @@
+"""The expert FFN of one MoE block as a row-wise template, and its lifting to grouped GEMMs over slots.
+
+Every form moecc handles computes, per routed row, the same FFN with the weights of the row's expert. For a
+per-expert loop (ModuleList or stacked weights indexed ``w[e]``) the graph holds E copies of that computation;
+for HF's ``grouped_mm`` form it holds one copy over all experts. We take one copy (expert 0's, or the only one),
+check that the others are the same op for op, and lift it: each matmul with an expert weight becomes one
+``moecc::grouped_mm`` over the rows sorted by slot, each per-expert bias becomes a gather by the row's expert,
+and every other op (activations, chunk, clamp, mul) is copied as it is, for Inductor to fuse.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call
+
+# Ops that only view or re-lay out a weight (``w[e].t()``), folded into the weight reference.
+_WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bfloat16", "half", torch.transpose,
+                 torch.t}
+_GROUPED_CALLS = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+
+
+class TemplateError(Exception):
+    """The expert computation is not a row-wise FFN moecc can lift; the message is the report's reason."""
+
+
+@dataclass(slots=True)
+class WeightRef:
+    """One grouped weight of the template: E tensors (ModuleList) or one stacked tensor, and its layout."""
+
+    role: str  # "w1.weight" for ModuleList experts, the parameter path for stacked ones
+    nodes: list[fx.Node]  # in expert order; one node if stacked
+    transposed: bool = False  # the graph applied an odd number of transposes to the stored weight
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.nodes) == 1
+
+
+@dataclass(slots=True)
+class ExpertTemplate:
+    rows: fx.Node  # the template's input: expert 0's rows (or all rows for a grouped form)
+    nodes: list[fx.Node]  # expert 0's computation, in graph order; nodes[-1] is its output
+    weights: dict[fx.Node, WeightRef]  # weight-expression node (expert 0) -> grouped weight
+    per_expert_outputs: list[fx.Node]  # last node of each expert's computation
+    per_expert_rows: list[fx.Node]
+    sources: set[fx.Node] = field(default_factory=set)  # every weight-expression node of every expert
+
+
+def _strip_views(node: fx.Node) -> tuple[fx.Node, int]:
+    """Follow weight views back to the source; return it and the number of transposes on the way."""
+    transposes = 0
+    while True:
+        if node.op == "call_method" and node.target in _WEIGHT_VIEWS or node.op == "call_function" and node.target in _WEIGHT_VIEWS:
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            if name in ("t", "T", "mT", "transpose"):
+                if name == "transpose":
+                    dims = sorted(int(d) % 2 for d in node.args[1:3]) if len(node.args) >= 3 else None
+                    if dims is None:
+                        raise TemplateError("weight transpose with unknown dims")
+                transposes += 1
+            node = node.args[0]
+            continue
+        return node, transposes
+
+
+def _expert_weight_exprs(sources: list[fx.Node]) -> dict[fx.Node, tuple[fx.Node, int]]:
+    """Weight-expression nodes reachable from ``sources`` through views: node -> (source, transposes)."""
+    exprs: dict[fx.Node, tuple[fx.Node, int]] = {}
+    todo = list(sources)
+    for s in sources:
+        exprs[s] = (s, 0)
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            is_view = (user.op in ("call_method", "call_function") and user.target in _WEIGHT_VIEWS
+                       and user.args and user.args[0] is n and len(user.all_input_nodes) == 1)
+            if is_view and user not in exprs:
+                exprs[user] = _strip_views(user)
+                todo.append(user)
+    return exprs
+
+
+def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
+    """One expert's computation: nodes fed by its weights up to the last one consuming them."""
+    exprs = _expert_weight_exprs(sources)
+    consumers = {u for e in exprs for u in e.users if u not in exprs}
+    if not consumers:
+        raise TemplateError("expert weights are not used")
+    last = max(consumers, key=node_index.__getitem__)
+    body = (ancestors([last]) | {last}) & descendants(exprs)
+    body -= set(exprs)
+    nodes = sorted(body, key=node_index.__getitem__)
+    external = {a for n in nodes for a in n.all_input_nodes if a not in body and a not in exprs}
+    if len(external) != 1:
+        names = ", ".join(sorted(a.name for a in external))
+        raise TemplateError(f"an expert's computation reads {len(external)} values besides its weights ({names}); "
+                            "expected exactly its input rows")
+    return nodes, external.pop(), exprs
+
+
+def _signature(nodes, rows, exprs, role_of) -> list:
+    pos = {n: i for i, n in enumerate(nodes)}
+
+    def norm(a):
+        if isinstance(a, fx.Node):
+            if a is rows:
+                return ("rows",)
+            if a in pos:
+                return ("node", pos[a])
+            if a in exprs:
+                src, transposes = exprs[a]
+                return ("w", role_of(src), transposes % 2)
+            return ("ext", a.name)
+        if isinstance(a, (list, tuple)):
+            return tuple(norm(x) for x in a)
+        return repr(a)
+
+    return [(n.op, str(n.target), norm(n.args), tuple(sorted((k, norm(v)) for k, v in n.kwargs.items())))
+            for n in nodes]
+
+
+def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_nodes: dict[str, fx.Node] | None,
+                     graph: fx.Graph) -> ExpertTemplate:
+    """Build the template from expert 0 and check every other expert computes the same thing.
+
+    ``per_expert_sources[e]`` are expert e's weight nodes (its parameter placeholders, or the ``w[e]`` getitems of
+    stacked weights); ``role_of(source)`` names the weight a source stands for, the same name for every expert.
+    ``stacked_nodes`` maps a role to its stacked parameter node (None for ModuleList experts).
+    """
+    node_index = {n: i for i, n in enumerate(graph.nodes)}
+    computations = [_computation(srcs, node_index) for srcs in per_expert_sources]
+    signatures = [_signature(nodes, rows, exprs, role_of) for nodes, rows, exprs in computations]
+    for e, sig in enumerate(signatures[1:], start=1):
+        if sig != signatures[0]:
+            raise TemplateError(f"expert {e} computes something different from expert 0")
+    nodes, rows, exprs = computations[0]
+
+    weights: dict[fx.Node, WeightRef] = {}
+    for expr, (src, transposes) in exprs.items():
+        role = role_of(src)
+        if stacked_nodes is not None:
+            ref_nodes = [stacked_nodes[role]]
+        else:
+            ref_nodes = []
+            for _, _, other_exprs in computations:
+                match = [s for s, _ in other_exprs.values() if role_of(s) == role]
+                ref_nodes.append(match[0])
+        weights[expr] = WeightRef(role=role, nodes=ref_nodes, transposed=bool(transposes % 2))
+    all_sources = {n for _, _, ex in computations for n in ex}
+    return ExpertTemplate(rows=rows, nodes=nodes, weights=weights,
+                          per_expert_outputs=[c[0][-1] for c in computations],
+                          per_expert_rows=[c[1] for c in computations], sources=all_sources)
+
+
+def ffn_kind(template: ExpertTemplate) -> str:
+    names = {getattr(n.target, "__name__", str(n.target)) for n in template.nodes}
+    act = next((a for a in ("silu", "gelu", "relu", "sigmoid", "tanh") if a in names), None)
+    gated = any(is_call(n, operator.mul, torch.mul, "mul") and sum(
+        1 for a in n.all_input_nodes if a in set(template.nodes)) == 2 for n in template.nodes)
+    if act is None:
+        return "custom"
+    return {("silu", True): "swiglu", ("gelu", True): "geglu"}.get((act, gated), f"{'glu-' if gated else 'mlp-'}{act}")
+
+
+def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, fx.Node], x_sorted: fx.Node,
+                 offsets: fx.Node, expert_of_row: fx.Node) -> fx.Node:
+    """Insert the lifted template at the graph's insertion point; return its output node ([N, D] rows).
+
+    ``env`` maps every weight node the template references (parameter placeholders, stacked tensors) to the node
+    that holds it in ``graph``.
+    """
+    from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
+
+    local: dict[fx.Node, fx.Node] = {template.rows: x_sorted}
+
+    def weight_list(ref: WeightRef) -> list[fx.Node]:
+        return [env[n] for n in ref.nodes]
+
+    def row_bias(ref: WeightRef) -> fx.Node:
+        if ref.stacked:
+            stacked = env[ref.nodes[0]]
+        else:
+            stacked = graph.call_function(torch.stack, (weight_list(ref),))
+        return graph.call_function(operator.getitem, (stacked, expert_of_row))
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            if a in local:
+                return local[a]
+            if a in template.weights:
+                ref = template.weights[a]
+                if _weight_dims(ref) == 1:
+                    return row_bias(ref)
+                raise TemplateError(f"expert weight {ref.role} used by an op moecc cannot group")
+            raise TemplateError(f"expert computation reads {a.name}")
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    for node in template.nodes:
+        weight_args = [a for a in node.args[:3] if isinstance(a, fx.Node) and a in template.weights]
+        if is_call(node, *LINEAR) and len(node.args) >= 2 and node.args[1] in template.weights:
+            ref = template.weights[node.args[1]]
+            out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref), offsets,
+                                                       not ref.transposed))
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if bias is not None:
+                out = graph.call_function(operator.add, (out, arg(bias)))
+        elif is_call(node, *MATMUL) and len(node.args) == 2 and node.args[1] in template.weights and \
+                _weight_dims(template.weights[node.args[1]]) == 2:
+            ref = template.weights[node.args[1]]
+            out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref), offsets, ref.transposed))
+        elif weight_args and any(_weight_dims(template.weights[a]) == 2 for a in weight_args):
+            raise TemplateError(f"expert weight used by {node.target}, which moecc cannot group")
+        else:
+            out = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs))) \
+                if node.op == "call_function" else graph.call_method(node.target, arg(node.args), arg(dict(node.kwargs)))
+        local[node] = out
+    return local[template.nodes[-1]]
+
+
+def _weight_dims(ref: WeightRef) -> int:
+    """Dimensions of one expert's slice of the weight: 2 for a matrix, 1 for a bias."""
+    value = fake(ref.nodes[0])
+    if value is None:
+        return 2
+    return value.dim() - (1 if ref.stacked else 0)

@@ -1,0 +1,122 @@
+"""Small queries over a Dynamo FX graph shared by the passes: where a node lives, what it computes, who feeds it."""
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_KEY_RE = re.compile(r"\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+_CONTAINER_ATTRS = {"_modules", "_parameters", "_buffers"}
+
+
+def source_path(node: fx.Node) -> str | None:
+    """Dotted module path of a placeholder's source (``experts.0.w1.weight``), or None for a plain input."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None or grapharg.source is None:
+        return None
+    name = grapharg.source.name() if callable(grapharg.source.name) else grapharg.source.name
+    if not name.startswith("L['self']"):
+        return None
+    parts = [key or attr for key, attr in _KEY_RE.findall(name[len("L['self']") :])]
+    return ".".join(p for p in parts if p not in _CONTAINER_ATTRS)
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module whose forward produced ``node`` ("" for the root module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            break
+    return re.sub(r"\[(\d+)\]", r".\1", path).replace("_modules['", "").replace("']", "")
+
+
+def fake(node) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for a node, if it produced one tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return len(a.shape) == len(b.shape) and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+
+
+def static_numel(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.numel())
+    except Exception:  # an unbacked or symbolic size
+        return None
+
+
+def is_call(node: fx.Node, *targets) -> bool:
+    """True if node calls one of ``targets`` (functions, or method names as strings)."""
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return node.target in targets
+    return False
+
+
+LINEAR = (F.linear, torch._C._nn.linear)
+MATMUL = (torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm", "__matmul__")
+TOPK = (torch.topk, "topk")
+INPLACE_SETITEM = (operator.setitem,)
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """A call that mutates its first argument (``x.index_add_(...)``, ``x[i] = v``, ``torch.add(..., out=)``)."""
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        if node.target in INPLACE_SETITEM or "out" in node.kwargs:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    return False
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def ancestors(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        for arg in n.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+def common_prefix(paths: Iterable[str]) -> str:
+    split = [p.split(".") if p else [] for p in paths]
+    prefix: list[str] = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)

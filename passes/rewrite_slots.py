@@ -1,0 +1,234 @@
+"""Rewrite one detected MoE block into expert-slot form.
+
+The user's router stays as it is. From its top-k expert ids and weights we emit:
+
+    slot_TK            = placement_E[experts_TK]               (the placement is a buffer: data, not code)
+    order_N, inv_N, offsets_S = moecc::sort_by_slot(slot_TK.view(-1), S)
+    x_sorted_ND        = x_TD[order_N // K]                     (gather, fused by Inductor)
+    y_sorted_ND        = lifted expert template (moecc::grouped_mm + the user's elementwise ops)
+    out_TD             = (y_sorted_ND[inv_N].view(T, K, D) * weights_TK[..., None]).sum(1)
+
+and send ``out_TD`` to every later user of the block's routed output, then erase the old dispatch loop.
+
+Which graph values are the routing weights and the routed output is decided numerically: the original graph is
+run once on the real inputs, and the candidate nodes whose values the slot-form computation reproduces win.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .detect import Block
+from .expert_template import TemplateError, emit_grouped
+from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, static_numel
+
+_LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
+                 "new_full", "ones_like"}
+
+
+class RewriteError(Exception):
+    """The block cannot be rewritten safely; the message is the report's reason."""
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _weight_candidates(block: Block, node_index) -> list[fx.Node]:
+    """Float [.., K] tensors computed from the top-k by the router: the routing weights, latest first."""
+    idx_fake = fake(block.indices)
+    expert_nodes = descendants(block.template.sources)
+    found = []
+    for n in descendants([block.topk]):
+        value = fake(n)
+        if value is None or n in expert_nodes or not value.is_floating_point():
+            continue
+        if same_shape(value, idx_fake) or (value.dim() == 1 and static_numel(value) == static_numel(idx_fake)):
+            found.append(n)
+    return sorted(found, key=node_index.__getitem__, reverse=True)
+
+
+def _output_candidates(block: Block, node_index, tokens_numel) -> list[tuple[fx.Node, int]]:
+    """Values that may hold the routed output, with the graph position from which they hold it."""
+    ends = block.template.per_expert_outputs
+    fed = [descendants([e]) | {e} for e in ends]
+    after_all = set.intersection(*fed)
+    last_end = max(node_index[e] for e in ends)
+    found: dict[fx.Node, int] = {n: node_index[n] for n in after_all
+                                 if node_index[n] > last_end and not is_inplace(n)}
+    # An accumulator (``out.index_add_(...)`` once per expert) holds the output after its last mutation.
+    mutations: dict[fx.Node, list[fx.Node]] = {}
+    for n in set.union(*fed):
+        if is_inplace(n) and isinstance(n.args[0], fx.Node):
+            mutations.setdefault(n.args[0], []).append(n)
+    for base, muts in mutations.items():
+        if all(any(m in f for m in muts) for f in fed):
+            found[base] = max(node_index[m] for m in muts)
+    out = []
+    for n, pos in found.items():
+        value = fake(n)
+        if value is not None and value.is_floating_point() and static_numel(value) == tokens_numel:
+            out.append((n, pos))
+    return sorted(out, key=lambda np: np[1])
+
+
+def _record(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    rec = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return {n: rec.env[n] for n in wanted if n in rec.env}
+
+
+def emit_slot_moe(graph: fx.Graph, block: Block, env: dict[fx.Node, fx.Node], placement: fx.Node) -> fx.Node:
+    """Insert the slot-form computation; ``env`` maps x, indices, weights and expert weights to graph nodes.
+
+    Returns out_TD (tokens flattened; the caller restores the original shape).
+    """
+    from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
+
+    num_experts, top_k = block.spec.num_experts, block.spec.router.top_k
+    x = env[block.x]
+    width = fake(block.x).shape[-1]
+    x_TD = graph.call_method("reshape", (x, -1, width))
+    idx_TK = graph.call_method("reshape", (env[block.indices], -1, top_k))
+    w_TK = graph.call_method("reshape", (env["weights"], -1, top_k))
+    slot_TK = graph.call_function(operator.getitem, (placement, idx_TK))
+    slot_N = graph.call_method("reshape", (slot_TK, -1))
+    sorted_ = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_N, num_experts))
+    order_N = graph.call_function(operator.getitem, (sorted_, 0))
+    inverse_N = graph.call_function(operator.getitem, (sorted_, 1))
+    offsets_S = graph.call_function(operator.getitem, (sorted_, 2))
+    token_N = graph.call_function(operator.floordiv, (order_N, top_k))
+    x_sorted = graph.call_function(operator.getitem, (x_TD, token_N))
+    expert_of_row = graph.call_function(operator.getitem, (graph.call_method("reshape", (idx_TK, -1)), order_N))
+    y_sorted = emit_grouped(graph, block.template, env, x_sorted, offsets_S, expert_of_row)
+    y_TKD = graph.call_method("view", (graph.call_function(operator.getitem, (y_sorted, inverse_N)), -1, top_k,
+                                       graph.call_method("size", (y_sorted, -1))))
+    w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
+    return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
+
+
+def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A small graph computing out_TD from (x, indices, weights, expert weights): for the numeric probe."""
+    graph = fx.Graph()
+    inputs = [block.x, block.indices, weight_node] + sorted(
+        {n for ref in block.template.weights.values() for n in ref.nodes}, key=lambda n: n.name)
+    env = {n: graph.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
+    env["weights"] = env[weight_node]
+    root = torch.nn.Module()
+    root.register_buffer("placement", torch.arange(block.spec.num_experts))
+    out = emit_slot_moe(graph, block, env, graph.get_attr("placement"))
+    graph.output(out)
+    return fx.GraphModule(root, graph), inputs
+
+
+def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    if actual.numel() != expected.numel():
+        return False
+    a, e = actual.reshape(-1).double(), expected.reshape(-1).double()
+    tol = 1e-3 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    scale = max(e.abs().max().item(), 1e-6)
+    return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
+
+
+def find_routing(gm: fx.GraphModule, block: Block, inputs) -> tuple[fx.Node, fx.Node, int]:
+    """(routing weights node, routed output node, position it holds the output from), found numerically."""
+    node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    x_numel = static_numel(fake(block.x))
+    weights = _weight_candidates(block, node_index)
+    outputs = _output_candidates(block, node_index, x_numel)
+    if not weights:
+        raise RewriteError("no routing-weight tensor of shape [tokens, k] found after top-k")
+    if not outputs:
+        raise RewriteError("no value of shape [tokens, dim] holds the sum of the experts' outputs")
+    wanted = {block.x, block.indices, *weights, *(o for o, _ in outputs),
+              *{n for ref in block.template.weights.values() for n in ref.nodes}}
+    values = _record(gm, inputs, wanted)
+    for w in weights[:4]:
+        probe, probe_inputs = _standalone(block, w)
+        with torch.no_grad():
+            expected = probe(*[values[n] for n in probe_inputs])
+        for out, pos in outputs:
+            if out in values and _matches(values[out], expected):
+                return w, out, pos
+    raise RewriteError("the slot-form computation does not reproduce any value of the block "
+                       "(routing or combine semantics moecc does not model, e.g. capacity dropping)")
+
+
+def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.Node]) -> fx.Node:
+    """``out_TD`` in the shape and dtype of the value it replaces."""
+    t_fake = fake(target)
+    for n in kept:
+        f = fake(n)
+        if f is not None and same_shape(f, t_fake):
+            out = graph.call_method("view_as", (out_TD, n))
+            break
+    else:
+        if t_fake.dim() == 2 and isinstance(t_fake.shape[-1], int):
+            out = graph.call_method("reshape", (out_TD, -1, t_fake.shape[-1]))
+        else:
+            raise RewriteError(f"cannot restore the routed output's shape {tuple(t_fake.shape)}")
+    return graph.call_method("to", (out, t_fake.dtype))
+
+
+def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str) -> None:
+    """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed)."""
+    if block.template is None:
+        raise RewriteError(block.error or "no expert template")
+    weights, routed, pos = find_routing(gm, block, inputs)
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    live_users = [u for u in routed.users if nodes.index(u) > pos]
+    if not live_users:
+        raise RewriteError("the routed output is not used after the experts run")
+    first_use = min(live_users, key=nodes.index)
+
+    gm.register_buffer(buffer_name, torch.arange(block.spec.num_experts, device=_device_of(inputs)))
+    old_sources = block.template.sources
+    with graph.inserting_before(first_use):
+        placement = graph.get_attr(buffer_name)
+        env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
+        env.update({block.x: block.x, block.indices: block.indices, "weights": weights})
+        out_TD = emit_slot_moe(graph, block, env, placement)
+        kept = [block.x] + sorted(ancestors([block.x]), key=nodes.index, reverse=True)
+        out = _view_like(graph, out_TD, routed, kept)
+    for u in live_users:
+        u.replace_input_with(routed, out)
+    _erase_old_dispatch(graph, block, old_sources, set(nodes[: pos + 1]))
+    graph.lint()
+    gm.recompile()
+
+
+def _device_of(inputs) -> torch.device:
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _erase_old_dispatch(graph: fx.Graph, block: Block, sources, before: set[fx.Node]) -> None:
+    """Erase what only the old expert loop used: its index bookkeeping, the experts, their accumulators.
+
+    Only nodes up to the old routed output (``before``) are candidates: later blocks also descend from this
+    block's indices and must stay.
+    """
+    doomed = ((descendants([block.indices]) | descendants(sources) | set(sources)) & before) - {block.topk}
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.op in ("placeholder", "output", "get_attr") or n.users or n not in before:
+                continue
+            if is_inplace(n):
+                base = n.args[0]
+                # A mutation is dead only if nobody reads its (locally allocated) base any more.
+                if n not in doomed or not (isinstance(base, fx.Node) and _name(base) in _LOCAL_ALLOCS
+                                           and all(is_inplace(u) and u in doomed for u in base.users)):
+                    continue
+                doomed.add(base)
+            elif n not in doomed and _name(n) not in _LOCAL_ALLOCS:
+                continue
+            graph.erase_node(n)
+            changed = True
