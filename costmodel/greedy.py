@@ -54,19 +54,31 @@ def replica_counts(layout: SlotLayout, load_E: list[float]) -> list[int]:
 
 
 def greedy_placement(layout: SlotLayout, load_E: list[float]) -> Placement:
-    """LPT over replicas: each replica takes an equal share of its expert's tokens."""
-    E = len(load_E)
-    count = replica_counts(layout, load_E)
-    items = sorted(((load_E[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda t: (-t[0], t[1]))
-    rank_load = [0.0] * layout.ranks
+    """LPT over replicas on one load vector: each replica takes an equal share of its expert's tokens."""
+    return robust_greedy_placement(layout, [list(load_E)])
+
+
+def robust_greedy_placement(layout: SlotLayout, load_WE: list[list[float]]) -> Placement:
+    """LPT for several scenarios at once: one placement that must serve every load vector in ``load_WE``.
+
+    Replicas go to the experts with the highest peak (over scenarios) tokens per replica; a replica's load is a
+    vector over scenarios, placed on the open rank where the worst scenario's rank load grows least. With one
+    scenario this is SmartMoE's LPT exactly. The planner uses it as a warm start for groups of windows whose
+    hot experts differ, where LPT on the mean load leaves the other windows' hot experts without replicas.
+    """
+    E, W = len(load_WE[0]), len(load_WE)
+    peak_E = [max(row[e] for row in load_WE) for e in range(E)]
+    count = replica_counts(layout, peak_E)
+    items = sorted(((peak_E[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda t: (-t[0], t[1]))
+    rank_load = [[0.0] * W for _ in range(layout.ranks)]
     ranks: list[dict[int, float]] = [{} for _ in range(layout.ranks)]
-    for tokens, e in items:
+    for _, e in items:
+        add = [row[e] / count[e] for row in load_WE]
         open_ranks = [r for r in range(layout.ranks) if len(ranks[r]) < layout.slots_per_rank and e not in ranks[r]]
-        if open_ranks:
-            r = min(open_ranks, key=lambda q: (rank_load[q], q))
-        else:
-            # Every rank with a free slot already holds e: fold this replica's share into the least loaded holder.
-            r = min((q for q in range(layout.ranks) if e in ranks[q]), key=lambda q: (rank_load[q], q))
+        if not open_ranks:
+            # Every rank with a free slot already holds e: fold this replica's share into a holder.
+            open_ranks = [q for q in range(layout.ranks) if e in ranks[q]]
+        r = min(open_ranks, key=lambda q: (max(x + d for x, d in zip(rank_load[q], add)), sum(rank_load[q]), q))
         ranks[r][e] = ranks[r].get(e, 0.0) + 1.0 / count[e]
-        rank_load[r] += tokens
+        rank_load[r] = [x + d for x, d in zip(rank_load[r], add)]
     return placement_from_ranks(layout, E, [list(d.items()) for d in ranks])

@@ -26,7 +26,6 @@ limit; whatever it holds then (at worst the warm start) is returned with its gap
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile
@@ -35,8 +34,8 @@ from dataclasses import dataclass
 
 import pulp
 
-from .formulas import CostModel, slots_to_refill
-from .greedy import InfeasibleError, check_feasible, greedy_placement
+from .formulas import CostModel
+from .greedy import InfeasibleError, check_feasible, greedy_placement, robust_greedy_placement
 from .placement import EMPTY, Placement, Pool, SlotLayout, placement_from_ranks
 
 
@@ -207,7 +206,6 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
                 if k == 0:
                     continue
                 prob += a[w, k] <= pulp.lpSum(a[v, k - 1] for v in range(w))
-                # fixed: a window can only open plan k after plan k-1 has been opened
         for w in range(W - 1):
             for k in ks:
                 prob += sw[w, k] >= a[w, k] - a[w + 1, k]
@@ -216,7 +214,7 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
         _set_warm_start(warm, L, y, g, T, a, sw, K, p)
     log_fd, log_path = tempfile.mkstemp(suffix=".cbc.log")
     os.close(log_fd)
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)), gapRel=gap_rel, threads=threads,
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(0.05, time_limit_s), gapRel=gap_rel, threads=threads,
                                warmStart=warm is not None, logPath=log_path)
     try:
         prob.solve(solver)
@@ -230,20 +228,29 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
 
     placements = []
     for k in ks:
-        ranks = [[(e, g[k, r, e].value()) for e in es if (y[k, r, e].value() or 0) > 0.5 and (g[k, r, e].value() or 0) > 1e-7]
-                 for r in rs]
+        ranks = [[(e, g[k, r, e].value()) for e in es
+                  if (y[k, r, e].value() or 0) > 0.5 and (g[k, r, e].value() or 0) > 1e-7] for r in rs]
         placements.append(_normalised(layout, E, ranks))
-    assignment = [max(ks, key=lambda k: a[w, k].value() or 0) for w in ws] if K > 1 else [0] * W
-    used = sorted(set(assignment))
-    pool = Pool(layout=layout, placements=tuple(placements[k] for k in used))
-    assignment = [used.index(k) for k in assignment]
-    objective = pulp.value(prob.objective) * kappa * scale
+    chosen = [max(ks, key=lambda k: a[w, k].value() or 0) for w in ws] if K > 1 else [0] * W
+    pool = Pool(layout=layout, placements=tuple(placements[k] for k in sorted(set(chosen))))
+    cost = [[kappa * rank_makespan(q, load_E) for q in pool.placements] for load_E in load_WE]
+    objective, assignment = best_assignment(cost, steps_W, switch_s)
     optimal = prob.sol_status == pulp.LpSolutionOptimal and "Stopped on time" not in log_text
-    bound = _cbc_bound(log_text)
-    bound_s = objective if optimal or bound is None and optimal else (bound * kappa * scale if bound is not None else 0.0)
-    gap = 0.0 if optimal else max(0.0, (objective - bound_s) / objective) if objective > 0 else 0.0
-    return PoolPlan(pool=pool, assignment=tuple(assignment), objective_s=objective, bound_s=bound_s, gap=gap,
-                    solve_s=time.perf_counter() - started, status="optimal" if optimal else "time_limit")
+    cbc_bound = _cbc_bound(log_text)
+    bound = objective if optimal else max(balance_bound(load_WE, steps_W, R, kappa),
+                                          (cbc_bound or 0.0) * kappa * scale)
+    return PoolPlan(pool=pool, assignment=tuple(assignment), objective_s=objective,
+                    bound_s=bound, gap=_gap(objective, bound), solve_s=time.perf_counter() - started,
+                    status="optimal" if optimal else "time_limit")
+
+
+def _gap(objective: float, bound: float) -> float:
+    return max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
+
+
+def balance_bound(load_WE: list[list[float]], steps_W: list[int], ranks: int, kappa: float) -> float:
+    """No pool beats perfect balance in every window with no switches: a valid lower bound on the objective."""
+    return kappa * sum(sum(row) / ranks * s for row, s in zip(load_WE, steps_W)) / sum(steps_W)
 
 
 def _normalised(layout: SlotLayout, E: int, ranks: list[list[tuple[int, float]]]) -> Placement:
@@ -332,29 +339,72 @@ def align_pool(pool: Pool) -> Pool:
 
 # -- the planner ------------------------------------------------------------------------------------------------
 
+MONOLITHIC_MAX_BINARIES = 400
+
+
 def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, model: CostModel, *,
-              time_limit_s: float = 10.0, gap_rel: float = 1e-4, use_ilp: bool = True) -> PoolPlan:
-    """Choose a pool of at most K placements for the scenarios; the greedy pool when the ILP cannot improve it.
+              time_limit_s: float = 2.0, gap_rel: float = 1e-4, use_ilp: bool = True) -> PoolPlan:
+    """Choose a pool of at most K placements for the scenarios (windows in time order, ``steps_W`` steps each).
+
+    Small instances (``K * R * E <= MONOLITHIC_MAX_BINARIES``) solve the whole pool ILP: exact up to ``gap_rel``.
+    Larger ones fix the window-to-member grouping of the greedy pool, solve one single-placement ILP per group
+    (the same model with K = 1: no big-M, so CBC's bound is useful) within the time limit, then regroup windows by
+    the best member (Viterbi). Either way the result is never worse than the greedy pool in the planning model,
+    and ``gap`` is measured against CBC's bound or perfect balance, whichever is higher.
 
     Raises ``InfeasibleError`` for inputs no placement satisfies: more experts than slots, or slots whose
     experts (weights + optimizer state) exceed the profile's device memory.
     """
     started = time.perf_counter()
-    E = len(load_WE[0])
+    E, R = len(load_WE[0]), layout.ranks
     check_feasible(layout, E)
     check_memory(layout, model)
     kappa, switch_s = linear_terms(model, layout, load_WE)
     warm = greedy_pool(layout, load_WE, steps_W, K, kappa, switch_s)
     warm_obj = planning_objective(warm[0], load_WE, steps_W, kappa, switch_s)
-    result = None
+    bound = balance_bound(load_WE, steps_W, R, kappa)
+    result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=bound,
+                      gap=_gap(warm_obj, bound), solve_s=0.0, status="greedy")
     if use_ilp:
-        result = solve_pool_ilp(layout, load_WE, steps_W, K, kappa=kappa, switch_s=switch_s, warm=warm,
-                                time_limit_s=time_limit_s, gap_rel=gap_rel)
-    if result is None or result.objective_s > warm_obj * (1 + 1e-9):
-        result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=0.0,
-                          gap=1.0 if warm_obj > 0 else 0.0, solve_s=0.0, status="greedy")
+        if min(K, len(load_WE)) * R * E <= MONOLITHIC_MAX_BINARIES:
+            found = solve_pool_ilp(layout, load_WE, steps_W, K, kappa=kappa, switch_s=switch_s, warm=warm,
+                                   time_limit_s=time_limit_s, gap_rel=gap_rel)
+        else:
+            found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
+                                     time_limit_s=time_limit_s - (time.perf_counter() - started), gap_rel=gap_rel)
+        if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
+            result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
                     bound_s=result.bound_s, gap=result.gap, solve_s=time.perf_counter() - started, status=result.status)
+
+
+def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], warm: tuple[Pool, list[int]],
+                     *, kappa: float, switch_s: float, time_limit_s: float, gap_rel: float) -> PoolPlan | None:
+    """One K = 1 ILP per group of windows of the warm pool, warm-started from the better of its greedy member
+    and the multi-scenario greedy; then windows move to their best member."""
+    started = time.perf_counter()
+    pool, assignment = warm
+    groups = [[w for w, k in enumerate(assignment) if k == j] for j in range(len(pool))]
+    groups = [grp for grp in groups if grp]
+    placements = []
+    all_optimal = True
+    for i, grp in enumerate(groups):
+        sub, steps = [load_WE[w] for w in grp], [steps_W[w] for w in grp]
+        candidates = [pool.placements[assignment[grp[0]]], robust_greedy_placement(layout, sub)]
+        start = min(candidates, key=lambda p: planning_objective(Pool(layout=layout, placements=(p,)), sub, steps,
+                                                                 kappa, switch_s))
+        single = Pool(layout=layout, placements=(start,))
+        left = time_limit_s - (time.perf_counter() - started)
+        found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s, warm=(single, [0] * len(grp)),
+                               time_limit_s=max(0.1, left / (len(groups) - i)), gap_rel=gap_rel)
+        all_optimal &= found is not None and found.status == "optimal"
+        placements.append(found.pool.placements[0] if found is not None else start)
+    pool = Pool(layout=layout, placements=tuple(placements))
+    cost = [[kappa * rank_makespan(p, load_E) for p in placements] for load_E in load_WE]
+    objective, path = best_assignment(cost, steps_W, switch_s)
+    bound = balance_bound(load_WE, steps_W, layout.ranks, kappa)
+    return PoolPlan(pool=pool, assignment=tuple(path), objective_s=objective, bound_s=bound, gap=_gap(objective, bound),
+                    solve_s=time.perf_counter() - started, status="per_group_optimal" if all_optimal else "time_limit")
 
 
 def check_memory(layout: SlotLayout, model: CostModel) -> None:
@@ -402,6 +452,3 @@ def simulate_pool(pool: Pool, load_WE: list[list[float]], steps_W: list[int], mo
     return PoolEvaluation(expected_step_s=mean, step_s_WK=tuple(tuple(r) for r in step), assignment=tuple(path),
                           switches=len(switches), switch_s_total=sum(sw[i][j] for i, j in switches))
 
-
-def refill_counts(src: Placement, dst: Placement) -> list[int]:
-    return slots_to_refill(src, dst)
