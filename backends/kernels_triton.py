@@ -678,3 +678,50 @@ def fused_moe_ffn(x_TD: Tensor, row_token_N: Tensor, row_weight_N: Tensor, offse
     the slots' end offsets); ``w13_GxD`` is ``[G, 2F, D]`` (gate rows then up rows), ``w2_GDF`` is ``[G, D, F]``.
     """
     return _FusedMoEFFN.apply(x_TD, row_token_N, row_weight_N, offsets_S, w13_GxD, w2_GDF)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed)
+# --------------------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, arch: int = 90, **flags) -> dict:
+    """Compile one kernel variant for ``sm_<arch>`` without a GPU (Triton to PTX to cubin with the bundled ptxas).
+
+    Returns ``{"shared": bytes of shared memory, "num_warps": ...}``. Checks on a CPU-only machine that every
+    variant the launchers can pick lowers for real hardware and that each tuned config fits the shared memory of
+    the target (``SHARED_MEMORY_LIMIT``). Not usable under ``TRITON_INTERPRET=1`` (no JIT functions then).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = "*" + _TRITON_TYPE[dtype]
+    if kernel == "grouped_mm":
+        fn = _grouped_mm_kernel
+        types = dict(x_ptr=ptr, w_ptr=ptr, w_ptrs_ptr="*i64", offsets_ptr="*i32", y_ptr=ptr, row_src_ptr="*i64",
+                     row_dest_ptr="*i64", row_scale_ptr=ptr)
+        if flags.get("STORE_MODE", 0) == STORE_SCATTER_ADD:
+            types["y_ptr"] = "*fp32"
+        constexprs = dict(W_LIST=False, GATHER=False, SCALE_ROWS=False, STORE_MODE=STORE_ROWS, SWIGLU=False,
+                          BLOCK_G=16, GROUP_M=config.group_m)
+    elif kernel == "grouped_mm_wgrad":
+        fn = _grouped_wgrad_kernel
+        types = dict(x_ptr=ptr, dy_ptr=ptr, offsets_ptr="*i32", dw_ptr=ptr, row_src_ptr="*i64")
+        constexprs = dict(GATHER=False)
+    else:
+        raise ValueError(kernel)
+    constexprs.update(DOT_F32=False, INPUT_PRECISION=_input_precision(dtype), BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    constexprs.update(flags)
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return {"shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps}
+
+
+# Usable shared memory per block (bytes): sm80 (A100) 163 KiB, sm90 (H100/H200) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -88,13 +88,24 @@ def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]
     return RouterSpec(
         score=score, top_k=k,
         score_after_topk=score == "logits" and "softmax" in after_names,
-        renormalize=any(is_call(n, "sum", torch.sum) for n in after) and bool(after_names & {"truediv", "div"}),
+        renormalize=any(is_call(n, "sum", torch.sum) for n in after) and bool(after_names & {"truediv", "itruediv", "div", "div_"}),
         selection_bias=bool(gathers) and any(is_call(n, operator.add, torch.add, "add") for n in between),
         router_bias=len(gate.args) > 2 and gate.args[2] is not None,
         grouped=sum(1 for n in between if is_call(n, *TOPK)) > 0,
         scale=any(is_call(n, operator.mul, torch.mul, "mul") and any(isinstance(a, (int, float)) for a in n.args)
                   for n in after),
     )
+
+
+def _nearest_params(params: dict[str, fx.Node], router_path: str, num_experts: int) -> dict[str, fx.Node]:
+    """The ``[E, ...]`` parameters of the module closest to the router (another layer's experts are not ours)."""
+    stacked = {p: n for p, n in params.items()
+               if (v := fake(n)) is not None and v.dim() >= 2 and v.shape[0] == num_experts}
+    parents = {stacked_path_parent(p) for p in stacked}
+    if not parents:
+        return {}
+    best = max(parents, key=lambda p: (len(common_prefix([p, router_path]).split(".")), -len(p)))
+    return {p: n for p, n in stacked.items() if stacked_path_parent(p) == best}
 
 
 def _stacked_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[fx.Node]):
@@ -123,7 +134,7 @@ def _grouped_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[
         while users:
             u = users.pop()
             name = getattr(u.target, "__name__", str(u.target)).split(".")[-1]
-            if name in _GROUPED_CALLS:
+            if name in _GROUPED_CALLS or (u.target is operator.getitem and isinstance(u.args[1], fx.Node)):
                 stacked[path] = node
                 break
             if u.op == "call_method" and u.target in ("transpose", "t", "mT", "contiguous"):
@@ -153,8 +164,9 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
         exclude = {gate.args[1]} if len(gate.args) > 1 else set()
 
         containers = [(p, m) for p, m in lists.items() if len(m) == num_experts]
-        stacked_loop = _stacked_sources(params, num_experts, exclude)
-        grouped = _grouped_sources(params, num_experts, exclude)
+        near = _nearest_params({p: n for p, n in params.items() if n not in exclude}, router_path, num_experts)
+        stacked_loop = _stacked_sources(near, num_experts, exclude)
+        grouped = _grouped_sources(near, num_experts, exclude)
         best = max(containers, key=lambda pm: (len(common_prefix([pm[0], router_path])), len(pm[0])), default=None)
         try:
             if best is not None:
@@ -171,7 +183,9 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
             elif grouped:
                 template = extract_template([list(grouped.values())], source_path, grouped, graph)
                 experts_path = stacked_path_parent(next(iter(grouped)))
-                weights, form, pnames = "stacked", "grouped_mm", tuple(p.split(".")[-1] for p in grouped)
+                batched = any(u.target is operator.getitem for n in grouped.values() for u in n.users)
+                weights, form = "stacked", "batched_mm" if batched else "grouped_mm"
+                pnames = tuple(p.split(".")[-1] for p in grouped)
             else:
                 continue
             error = None

@@ -20,6 +20,8 @@ from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call
 # Ops that only view or re-lay out a weight (``w[e].t()``), folded into the weight reference.
 _WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bfloat16", "half", torch.transpose,
                  torch.t}
+_ROW_PRELUDE = {"to", "float", "bfloat16", "half", "type", "contiguous", "unsqueeze"}
+_ROW_POSTLUDE = {"squeeze"}
 _GROUPED_CALLS = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
 
 
@@ -81,6 +83,9 @@ def _expert_weight_exprs(sources: list[fx.Node]) -> dict[fx.Node, tuple[fx.Node,
             if is_view and user not in exprs:
                 exprs[user] = _strip_views(user)
                 todo.append(user)
+            elif _is_row_gather(user, n) and user not in exprs:
+                exprs[user] = exprs[n]  # ``w[expert_ids]``: one weight per row (HF batched_mm)
+                todo.append(user)
     return exprs
 
 
@@ -94,12 +99,38 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
     body = (ancestors([last]) | {last}) & descendants(exprs)
     body -= set(exprs)
     nodes = sorted(body, key=node_index.__getitem__)
-    external = {a for n in nodes for a in n.all_input_nodes if a not in body and a not in exprs}
+    external = {a for n in nodes for a in _data_inputs(n) if a not in body and a not in exprs}
     if len(external) != 1:
         names = ", ".join(sorted(a.name for a in external))
         raise TemplateError(f"an expert's computation reads {len(external)} values besides its weights ({names}); "
                             "expected exactly its input rows")
-    return nodes, external.pop(), exprs
+    rows = external.pop()
+    # Row-wise casts and unsqueezes on the way in belong to the expert (x.to(dtype), x.unsqueeze(-1) for bmm).
+    while rows.op == "call_method" and rows.target in _ROW_PRELUDE and len(rows.all_input_nodes) == 1:
+        nodes.insert(0, rows)
+        rows = rows.all_input_nodes[0]
+    # ... and so does the squeeze after a per-row bmm.
+    while len(nodes[-1].users) == 1 and (tail := next(iter(nodes[-1].users))).op == "call_method" \
+            and tail.target in _ROW_POSTLUDE and len(tail.all_input_nodes) == 1:
+        nodes.append(tail)
+    return nodes, rows, exprs
+
+
+def _is_row_gather(node: fx.Node, weight: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and node.args[0] is weight
+            and isinstance(node.args[1], fx.Node))
+
+
+def _is_grouped_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and str(getattr(node.target, "__name__", node.target)).split(".")[-1] \
+        in _GROUPED_CALLS
+
+
+def _data_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs that carry data; a grouped GEMM's own offsets are replaced by ours, so they do not count."""
+    if _is_grouped_call(node):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return node.all_input_nodes
 
 
 def _signature(nodes, rows, exprs, role_of) -> list:
@@ -210,6 +241,13 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if bias is not None:
                 out = graph.call_function(operator.add, (out, arg(bias)))
+        elif _is_grouped_call(node) and node.args[1] in template.weights:
+            ref = template.weights[node.args[1]]
+            out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref),
+                                                                           offsets, ref.transposed))
+        elif is_call(node, torch.bmm, "bmm") and any(_is_row_gather(a, a.args[0]) for a in node.args[:2]
+                                                      if isinstance(a, fx.Node) and a in template.weights):
+            out = _emit_row_bmm(graph, node, template, arg, weight_list, offsets)
         elif is_call(node, *MATMUL) and len(node.args) == 2 and node.args[1] in template.weights and \
                 _weight_dims(template.weights[node.args[1]]) == 2:
             ref = template.weights[node.args[1]]
@@ -221,6 +259,20 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
                 if node.op == "call_function" else graph.call_method(node.target, arg(node.args), arg(dict(node.kwargs)))
         local[node] = out
     return local[template.nodes[-1]]
+
+
+def _emit_row_bmm(graph, node, template, arg, weight_list, offsets):
+    """``bmm(w[ids], x.unsqueeze(-1))`` or ``bmm(x.unsqueeze(1), w[ids])``: a per-row weight product."""
+    a, b = node.args[:2]
+    if a in template.weights:  # [N, O, I] @ [N, I, 1] -> [N, O, 1]
+        vec, ref, transpose_w, dim = b, template.weights[a], True, -1
+    else:  # [N, 1, I] @ [N, I, O] -> [N, 1, O]
+        vec, ref, transpose_w, dim = a, template.weights[b], False, 1
+    if not (is_call(vec, "unsqueeze") and vec.args[1] in (dim, 2 if dim == -1 else dim)):
+        raise TemplateError("per-row bmm over expert weights without an unsqueezed row vector")
+    rows = graph.call_function(torch.ops.moecc.grouped_mm.default,
+                               (arg(vec.args[0]), weight_list(ref), offsets, transpose_w != ref.transposed))
+    return graph.call_method("unsqueeze", (rows, dim))
 
 
 def _weight_dims(ref: WeightRef) -> int:

@@ -50,11 +50,9 @@ def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return len(a.shape) == len(b.shape) and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
 
 
-def static_numel(t: torch.Tensor) -> int | None:
-    try:
-        return int(t.numel())
-    except Exception:  # an unbacked or symbolic size
-        return None
+def numel_key(t: torch.Tensor) -> str:
+    """The element count as a comparable string: an int, or a symbolic expression over the graph's sizes."""
+    return str(t.numel())
 
 
 def is_call(node: fx.Node, *targets) -> bool:

@@ -22,7 +22,7 @@ from torch import fx
 
 from .detect import Block
 from .expert_template import TemplateError, emit_grouped
-from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, static_numel
+from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, numel_key
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
                  "new_full", "ones_like"}
@@ -45,7 +45,7 @@ def _weight_candidates(block: Block, node_index) -> list[fx.Node]:
         value = fake(n)
         if value is None or n in expert_nodes or not value.is_floating_point():
             continue
-        if same_shape(value, idx_fake) or (value.dim() == 1 and static_numel(value) == static_numel(idx_fake)):
+        if same_shape(value, idx_fake) or (value.dim() == 1 and numel_key(value) == numel_key(idx_fake)):
             found.append(n)
     return sorted(found, key=node_index.__getitem__, reverse=True)
 
@@ -69,7 +69,7 @@ def _output_candidates(block: Block, node_index, tokens_numel) -> list[tuple[fx.
     out = []
     for n, pos in found.items():
         value = fake(n)
-        if value is not None and value.is_floating_point() and static_numel(value) == tokens_numel:
+        if value is not None and value.is_floating_point() and numel_key(value) == tokens_numel:
             out.append((n, pos))
     return sorted(out, key=lambda np: np[1])
 
@@ -136,7 +136,7 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 def find_routing(gm: fx.GraphModule, block: Block, inputs) -> tuple[fx.Node, fx.Node, int]:
     """(routing weights node, routed output node, position it holds the output from), found numerically."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    x_numel = static_numel(fake(block.x))
+    x_numel = numel_key(fake(block.x))
     weights = _weight_candidates(block, node_index)
     outputs = _output_candidates(block, node_index, x_numel)
     if not weights:

@@ -1,0 +1,229 @@
+"""``moecc calibrate``: measure this machine and fit a profile; and fitting a profile to measured step times.
+
+What is measured (torch, imported only here): GEMMs at expert-like shapes over a range of row counts, the fixed
+cost of one GEMM call, streaming memory bandwidth, and, when started under ``torchrun`` with several processes,
+all-to-all latency and bandwidth (gloo on CPU, NCCL on GPU). Fields it cannot measure (the other link level,
+device memory on a GPU-less run) come from a base profile and are said so in ``source``.
+
+The fit: each GEMM's throughput is ``flops / (t - overhead)``; the table keeps the geometric mean throughput per
+quarter-decade of flops. The fit error is the mean absolute relative error of the fitted table's predicted GEMM
+times against every measurement, printed and recorded in ``notes``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from .formulas import ExpertDims, compile_cost_model
+from .profile import GemmTable, Link, Profile
+
+DEFAULT_SHAPES = ((256, 512), (512, 256), (512, 1024), (1024, 512), (1024, 1024))
+DEFAULT_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GemmSample:
+    m: int
+    k: int
+    n: int
+    seconds: float
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n
+
+
+def _timeit(fn, *, min_time_s: float = 0.05, repeats: int = 5) -> float:
+    """Median seconds per call: calls batched until a batch takes ``min_time_s``, so timer noise stays small."""
+    fn()
+    calls = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if time.perf_counter() - t0 >= min_time_s / repeats or calls >= 1 << 16:
+            break
+        calls *= 2
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def measure_gemms(shapes=DEFAULT_SHAPES, rows=DEFAULT_ROWS, *, dtype: str = "float32", device: str = "cpu",
+                  progress=None) -> tuple[float, list[GemmSample]]:
+    """(seconds of one minimal GEMM call, one sample per shape x row count)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(m, k, n):
+        a = torch.randn(m, k, dtype=dt, device=device)
+        w = torch.randn(n, k, dtype=dt, device=device)
+        out = torch.empty(m, n, dtype=dt, device=device)
+        run = lambda: (torch.mm(a, w.t(), out=out), sync())  # noqa: E731  (nn.Linear's layout, as the kernel uses)
+        return _timeit(run)
+
+    overhead = timed(1, 8, 8)
+    samples = []
+    for k, n in shapes:
+        for m in rows:
+            samples.append(GemmSample(m=m, k=k, n=n, seconds=timed(m, k, n)))
+            if progress is not None:
+                progress()
+    return overhead, samples
+
+
+def measure_memory_bandwidth(*, device: str = "cpu", num_bytes: int = 1 << 27) -> float:
+    """Bytes per second of a large copy (read + write counted)."""
+    import torch
+
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return 2 * num_bytes / _timeit(lambda: (dst.copy_(src), sync()), repeats=3)
+
+
+def measure_all_to_all(sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 22)) -> Link | None:
+    """Latency and bandwidth of ``all_to_all_single`` when run under torchrun; None in a single process.
+
+    Fitted as ``t = latency + bytes_received / bandwidth`` by least squares over the message sizes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    xs, ys = [], []
+    for size in sizes:
+        numel = max(world, size // 4 // world * world)
+        send = torch.ones(numel)
+        recv = torch.empty_like(send)
+        def run():
+            dist.all_to_all_single(recv, send)
+        run()
+        dist.barrier()
+        t = _timeit(run, repeats=3)
+        xs.append(numel * 4 * (world - 1) / world)
+        ys.append(t)
+    slope, intercept = _least_squares(xs, ys)
+    return Link(bandwidth_Bps=1.0 / max(slope, 1e-15), latency_s=max(intercept, 0.0))
+
+
+def _least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return slope, my - slope * mx
+
+
+def fit_gemm_table(overhead_s: float, samples: list[GemmSample], *, dtype: str = "float32",
+                   bins_per_decade: int = 4) -> GemmTable:
+    """Geometric-mean throughput per log-flops bin, placed at the bin's geometric-mean flops."""
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for s in samples:
+        compute = max(s.seconds - overhead_s, 0.05 * s.seconds)
+        bins.setdefault(math.floor(math.log10(s.flops) * bins_per_decade), []).append((s.flops, s.flops / compute))
+    points = []
+    for key in sorted(bins):
+        group = bins[key]
+        flops = math.exp(statistics.fmean(math.log(f) for f, _ in group))
+        thr = math.exp(statistics.fmean(math.log(t) for _, t in group))
+        points.append((float(f"{flops:.4g}"), float(f"{thr:.4g}")))
+    return GemmTable(dtype=dtype, call_overhead_s=float(f"{overhead_s:.4g}"), points=tuple(points))
+
+
+def gemm_fit_error(table: GemmTable, samples: list[GemmSample]) -> float:
+    """Mean absolute relative error of the table's GEMM times against the measurements."""
+    return statistics.fmean(abs(table.time_s(s.m, s.k, s.n) - s.seconds) / s.seconds for s in samples)
+
+
+def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "float32", shapes=DEFAULT_SHAPES,
+              rows=DEFAULT_ROWS, show_progress: bool = True) -> tuple[Profile, float]:
+    """Measure this machine and return (the fitted profile, the GEMM fit error)."""
+    from rich.progress import Progress
+
+    with Progress(disable=not show_progress, transient=False) as bar:
+        task = bar.add_task("GEMMs", total=len(shapes) * len(rows) + 2)
+        overhead, samples = measure_gemms(shapes, rows, dtype=dtype, device=device,
+                                          progress=lambda: bar.advance(task))
+        bar.update(task, description="memory bandwidth")
+        mem_bw = measure_memory_bandwidth(device=device)
+        bar.advance(task)
+        bar.update(task, description="all-to-all")
+        a2a = measure_all_to_all()
+        bar.advance(task)
+    table = fit_gemm_table(overhead, samples, dtype=dtype)
+    error = gemm_fit_error(table, samples)
+    measured = ["gemm", "memory_bandwidth_Bps"] + (["all_to_all"] if a2a else [])
+    import torch
+
+    source = (f"measured by moecc calibrate ({', '.join(measured)}) on {device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; other fields from base profile {base.name!r}")
+    intra, inter = base.intra_node, base.inter_node
+    if a2a is not None:
+        same_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == int(os.environ.get("WORLD_SIZE", "1"))
+        intra, inter = (a2a, inter) if same_node else (intra, a2a)
+    profile = dataclasses.replace(
+        base, name=name, source=source, gemm=table, memory_bandwidth_Bps=float(f"{mem_bw:.4g}"),
+        intra_node=intra, inter_node=inter,
+        notes=f"GEMM table fit error {100 * error:.1f}% mean absolute over {len(samples)} measured shapes. "
+              + base.notes)
+    return profile, error
+
+
+# -- fitting measured step times ------------------------------------------------------------------------------
+
+def fit_step_times(profile: Profile, dims: ExpertDims, samples: list[tuple[list[float], float]]) -> tuple[Profile, float, float]:
+    """Rescale a profile so the single-device expert step matches measured seconds.
+
+    ``samples`` are ``(tokens per slot, measured seconds)``. The model is ``u * A + v * B + C`` with A the GEMM
+    compute seconds at the table's throughput, B the number of GEMM calls and C the elementwise seconds; ``u`` (a
+    throughput scale, applied as ``1/u``) and ``v`` (the per-call overhead) minimise the relative squared error.
+    Returns (the tuned profile, its mean absolute relative error before, after).
+    """
+    model = compile_cost_model(profile, dims, 1)
+    mult = 3 if dims.training else 1
+    rows_A, rows_B, rows_C, meas = [], [], [], []
+    for tokens, seconds in samples:
+        A = B = C = 0.0
+        for x in tokens:
+            if x <= 0:
+                continue
+            for k, n_ in ((dims.d_model, dims.d_ffn), (dims.d_model, dims.d_ffn), (dims.d_ffn, dims.d_model)):
+                flops = 2.0 * x * k * n_
+                A += mult * flops / profile.gemm.flops_per_s(flops)
+                B += mult
+            C += mult * 5 * x * dims.d_ffn * dims.act_bytes / profile.memory_bandwidth_Bps
+        rows_A.append(A / seconds), rows_B.append(B / seconds), rows_C.append(C / seconds), meas.append(seconds)
+    # weighted least squares on relative error: minimise sum (u a + v b + c - 1)^2
+    saa = sum(a * a for a in rows_A); sbb = sum(b * b for b in rows_B); sab = sum(a * b for a, b in zip(rows_A, rows_B))
+    ra = sum(a * (1 - c) for a, c in zip(rows_A, rows_C)); rb = sum(b * (1 - c) for b, c in zip(rows_B, rows_C))
+    det = saa * sbb - sab * sab
+    u, v = ((ra * sbb - rb * sab) / det, (saa * rb - sab * ra) / det) if det else (1.0, profile.gemm.call_overhead_s)
+    if u <= 0 or v < 0:  # degenerate data: keep the overhead, fit the scale alone
+        v = profile.gemm.call_overhead_s
+        u = sum(a * (1 - c - v * b) for a, b, c in zip(rows_A, rows_B, rows_C)) / saa
+    table = GemmTable(dtype=profile.gemm.dtype, call_overhead_s=v,
+                      points=tuple((f, t / u) for f, t in profile.gemm.points))
+    tuned = dataclasses.replace(profile, gemm=table, source=profile.source + "; GEMM scale and overhead fitted to "
+                                f"{len(samples)} measured steps")
+    before = _step_error(model, samples)
+    after = _step_error(compile_cost_model(tuned, dims, 1), samples)
+    return tuned, before, after
+
+
+def _step_error(model, samples) -> float:
+    return statistics.fmean(abs(sum(model.ffn_s(x) for x in tokens) - s) / s for tokens, s in samples)

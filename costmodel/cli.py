@@ -1,0 +1,166 @@
+"""``moecc calibrate`` and ``moecc plan``: the cost model's sub-commands (``moecc/cli.py`` mounts them)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .formulas import ExpertDims, a2a_time_expr, compile_cost_model, ffn_time_expr, n as n_sym, N as N_sym, numeric_formula
+from .greedy import InfeasibleError
+from .placement import EMPTY, SlotLayout
+from .profile import ProfileError, builtin_profiles, load_profile, save_profile
+from .workload import TraceError, load_trace
+
+
+def add_commands(subparsers) -> None:
+    """Add ``calibrate`` and ``plan`` to an argparse sub-parser object; each sets ``run(args) -> exit code``."""
+    cal = subparsers.add_parser("calibrate", help="measure this machine and write a hardware profile",
+                                description="Measure GEMMs, memory bandwidth (and all-to-all under torchrun), fit "
+                                            "a profile, print the fit error, write it. With --fit-steps, rescale an "
+                                            "existing profile to measured step times instead.")
+    cal.add_argument("--out", required=True, help="profile file to write")
+    cal.add_argument("--name", default="cpu-calibrated")
+    cal.add_argument("--base", default="cpu", help=f"profile for fields not measured (file or one of {builtin_profiles()})")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="float32")
+    cal.add_argument("--quick", action="store_true", help="fewer shapes (about 5 s)")
+    cal.add_argument("--fit-steps", metavar="FILE",
+                     help='JSON {"d_model", "d_ffn", "training", "samples": [{"tokens_per_slot": [...], "seconds": s}]}')
+    cal.set_defaults(run=run_calibrate)
+
+    plan = subparsers.add_parser("plan", help="plan a placement pool for a load trace",
+                                 description="Choose K placements of experts into ranks x slots for a trace and "
+                                             "compare with static expert parallelism and the LPT greedy.")
+    plan.add_argument("--trace", required=True, help="load trace JSON (docs/costmodel.md)")
+    plan.add_argument("--profile", required=True, help=f"profile file or one of {builtin_profiles()}")
+    plan.add_argument("--ranks", type=int, required=True)
+    plan.add_argument("--slots-per-rank", type=int, required=True)
+    plan.add_argument("--pool", type=int, default=4, help="K, placements in the pool")
+    plan.add_argument("--layer", default=None, help="trace layer to plan (default: the first)")
+    plan.add_argument("--window", type=int, default=50, help="steps between the runtime's pool decisions")
+    plan.add_argument("--d-model", type=int, default=2048)
+    plan.add_argument("--d-ffn", type=int, default=1408)
+    plan.add_argument("--act-bytes", type=int, default=2)
+    plan.add_argument("--param-bytes", type=int, default=2)
+    plan.add_argument("--state-bytes", type=int, default=12, help="optimizer bytes moved per parameter on a switch")
+    plan.add_argument("--inference", action="store_true", help="forward only (no backward pass in the step)")
+    plan.add_argument("--time-limit", type=float, default=2.0, help="seconds for the planner (CBC included)")
+    plan.add_argument("--greedy-only", action="store_true", help="skip the ILP (the greedy pool)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.set_defaults(run=run_plan)
+
+
+def _fail(message: str) -> int:
+    print(f"moecc: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_plan(args) -> int:
+    from .compare import compare
+
+    try:
+        profile = load_profile(args.profile)
+        workload = load_trace(args.trace)
+        rows = workload.layer(args.layer)
+        layout = SlotLayout(ranks=args.ranks, slots_per_rank=args.slots_per_rank)
+        dims = ExpertDims(d_model=args.d_model, d_ffn=args.d_ffn, act_bytes=args.act_bytes,
+                          param_bytes=args.param_bytes, state_bytes_per_param=args.state_bytes,
+                          training=not args.inference)
+        model = compile_cost_model(profile, dims, args.ranks)
+        result = compare(rows, layout, args.pool, model, window=args.window, time_limit_s=args.time_limit,
+                         use_ilp=not args.greedy_only)
+    except (ProfileError, TraceError, InfeasibleError, KeyError, ValueError) as err:
+        return _fail(str(err).strip('"'))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    _print_plan(result, model, args)
+    return 0
+
+
+def _print_plan(result, model, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    pool = result.plan.pool
+    table = Table(title=f"pool of {len(pool)} for {args.ranks} ranks x {args.slots_per_rank} slots "
+                        f"(expert:share%, * = replica)")
+    table.add_column("rank", justify="right")
+    for k in range(len(pool)):
+        table.add_column(f"plan {k}")
+    for r in range(args.ranks):
+        cells = []
+        for p in pool.placements:
+            reps = p.replicas()
+            cells.append(" ".join("-" if e == EMPTY else f"{e}{'*' if reps[e] > 1 else ''}:{100 * p.share_S[s]:.0f}"
+                                  for s, e in zip(p.layout.slots_of(r), p.experts_per_rank()[r])))
+        table.add_row(str(r), *cells)
+    console.print(table)
+
+    per = Table(title="predicted step time per window (ms); the pool runs the marked plan")
+    per.add_column("window", justify="right")
+    per.add_column("steps", justify="right")
+    for k in range(len(pool)):
+        per.add_column(f"plan {k}", justify="right")
+    per.add_column("static EP", justify="right")
+    per.add_column("greedy", justify="right")
+    for w, row in enumerate(result.step_s_WK):
+        cells = [f"[bold green]{1e3 * t:.3f}*[/]" if result.assignment[w] == k else f"{1e3 * t:.3f}"
+                 for k, t in enumerate(row)]
+        per.add_row(str(w), str(result.steps_W[w]), *cells, f"{1e3 * result.static_step_s_W[w]:.3f}",
+                    f"{1e3 * result.greedy_step_s_W[w]:.3f}")
+    per.add_row("plan", "", *["-" if t is None else f"{1e3 * t:.3f}" for t in result.predicted_step_s], "", "")
+    console.print(per)
+
+    summary = Table(title="expected step time (switches included)", show_header=True)
+    for col in ("", "ms / step", "speedup of pool"):
+        summary.add_column(col, justify="right")
+    pool_s = result.pool_expected_step_s
+    summary.add_row("static EP (round robin)", f"{1e3 * result.static_step_s:.3f}", f"{result.static_step_s / pool_s:.2f}x")
+    summary.add_row("greedy (LPT) pool", f"{1e3 * result.greedy_step_s:.3f}", f"{result.greedy_step_s / pool_s:.2f}x")
+    summary.add_row("planned pool", f"{1e3 * pool_s:.3f}", "1.00x")
+    console.print(summary)
+    console.print(f"planner: {result.plan.status}, {result.plan.solve_s:.2f} s, optimality gap "
+                  f"{100 * result.plan.gap:.1f}% (vs max of CBC bound and perfect balance); {result.switches} switches "
+                  f"costing {1e3 * result.switch_s_total:.2f} ms in all")
+
+    # the formulas, symbolic and with this case's numbers, for the busiest slot and rank of window 0
+    k0 = result.assignment[0]
+    load_E = None
+    from .workload import window_loads
+    load_E = window_loads(load_trace(args.trace).layer(args.layer), args.window)[0]
+    placement = pool.placements[k0]
+    n_max = max(placement.tokens_per_slot(load_E))
+    N_max = max(placement.tokens_per_rank(load_E))
+    for label, expr, values in (("t_ffn(n)", ffn_time_expr(), {n_sym: n_max}), ("t_a2a", a2a_time_expr(), {N_sym: N_max})):
+        text, value = numeric_formula(expr, model.profile, model.dims, model.ranks, values)
+        console.print(f"[bold]{label}[/] = {expr}\n    = {text} = {1e3 * value:.4f} ms")
+
+
+def run_calibrate(args) -> int:
+    from .calibrate import DEFAULT_ROWS, DEFAULT_SHAPES, calibrate, fit_step_times
+
+    try:
+        base = load_profile(args.base)
+    except (ProfileError, OSError) as err:
+        return _fail(str(err))
+    if args.fit_steps:
+        try:
+            spec = json.load(open(args.fit_steps))
+            dims = ExpertDims(d_model=int(spec["d_model"]), d_ffn=int(spec["d_ffn"]), training=bool(spec.get("training", False)),
+                              act_bytes=int(spec.get("act_bytes", 4)))
+            samples = [(list(s["tokens_per_slot"]), float(s["seconds"])) for s in spec["samples"]]
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            return _fail(f"--fit-steps {args.fit_steps}: missing or bad field {err}")
+        tuned, before, after = fit_step_times(base, dims, samples)
+        save_profile(tuned, args.out)
+        print(f"fitted {len(samples)} steps: mean abs error {100 * before:.1f}% -> {100 * after:.1f}%; wrote {args.out}")
+        return 0
+    shapes = DEFAULT_SHAPES[:2] if args.quick else DEFAULT_SHAPES
+    rows = DEFAULT_ROWS[::2] if args.quick else DEFAULT_ROWS
+    profile, error = calibrate(base, name=args.name, device=args.device, dtype=args.dtype, shapes=shapes, rows=rows)
+    save_profile(profile, args.out)
+    print(f"GEMM table: {len(profile.gemm.points)} points, call overhead {1e6 * profile.gemm.call_overhead_s:.1f} us, "
+          f"fit error {100 * error:.1f}% mean absolute; memory {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s; wrote {args.out}")
+    return 0
