@@ -687,12 +687,15 @@ def fused_moe_ffn(x_TD: Tensor, row_token_N: Tensor, row_weight_N: Tensor, offse
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, arch: int = 90, **flags) -> dict:
+def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, arch: int = 90,
+                       transpose_w: bool = True, **flags) -> dict:
     """Compile one kernel variant for ``sm_<arch>`` without a GPU (Triton to PTX to cubin with the bundled ptxas).
 
-    Returns ``{"shared": bytes of shared memory, "num_warps": ...}``. Checks on a CPU-only machine that every
-    variant the launchers can pick lowers for real hardware and that each tuned config fits the shared memory of
-    the target (``SHARED_MEMORY_LIMIT``). Not usable under ``TRITON_INTERPRET=1`` (no JIT functions then).
+    Specialises arguments the way a JIT launch on contiguous, 16-aligned tensors does (unit strides become
+    constants, pointers and the other integers are marked divisible by 16), since that decides vectorised and
+    pipelined (``cp.async``) loads. Returns shared memory bytes, warps and whether the K loop was software-pipelined,
+    so a CPU-only machine can check that every variant lowers for real hardware and that each tuned config fits
+    the target's shared memory (``SHARED_MEMORY_LIMIT``). Not usable under ``TRITON_INTERPRET=1``.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -702,25 +705,33 @@ def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, ar
         fn = _grouped_mm_kernel
         types = dict(x_ptr=ptr, w_ptr=ptr, w_ptrs_ptr="*i64", offsets_ptr="*i32", y_ptr=ptr, row_src_ptr="*i64",
                      row_dest_ptr="*i64", row_scale_ptr=ptr)
-        if flags.get("STORE_MODE", 0) == STORE_SCATTER_ADD:
+        if flags.get("STORE_MODE", STORE_ROWS) == STORE_SCATTER_ADD:
             types["y_ptr"] = "*fp32"
+        unit_strides = ["stride_xi", "stride_yo", "stride_wk" if transpose_w else "stride_wo"]
         constexprs = dict(W_LIST=False, GATHER=False, SCALE_ROWS=False, STORE_MODE=STORE_ROWS, SWIGLU=False,
                           BLOCK_G=16, GROUP_M=config.group_m)
     elif kernel == "grouped_mm_wgrad":
         fn = _grouped_wgrad_kernel
         types = dict(x_ptr=ptr, dy_ptr=ptr, offsets_ptr="*i32", dw_ptr=ptr, row_src_ptr="*i64")
+        unit_strides = ["stride_xi", "stride_dyo", "stride_dwi" if transpose_w else "stride_dwo"]
         constexprs = dict(GATHER=False)
     else:
         raise ValueError(kernel)
+    constexprs.update({name: 1 for name in unit_strides})
     constexprs.update(DOT_F32=False, INPUT_PRECISION=_input_precision(dtype), BLOCK_M=config.block_m,
                       BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constexprs.update(flags)
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    scalar_int = {"N", "G", "num_m_tiles"}  # row counts are arbitrary; widths and strides are multiples of 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n] != "constexpr" and n not in scalar_int}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                       attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return {"shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps}
+    return {"shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+            "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"]}
 
 
 # Usable shared memory per block (bytes): sm80 (A100) 163 KiB, sm90 (H100/H200) 227 KiB.

@@ -5,8 +5,8 @@ cost of one GEMM call, streaming memory bandwidth, and, when started under ``tor
 all-to-all latency and bandwidth (gloo on CPU, NCCL on GPU). Fields it cannot measure (the other link level,
 device memory on a GPU-less run) come from a base profile and are said so in ``source``.
 
-The fit: each GEMM's throughput is ``flops / (t - overhead)``; the table keeps the geometric mean throughput per
-quarter-decade of flops. The fit error is the mean absolute relative error of the fitted table's predicted GEMM
+The fit: each GEMM's throughput is ``flops / (t - overhead)``; the table keeps, per measured row count, the
+geometric mean throughput over the measured shapes. The fit error is the mean absolute relative error of the fitted table's predicted GEMM
 times against every measurement, printed and recorded in ``notes``.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from .formulas import ExpertDims, compile_cost_model
 from .profile import GemmTable, Link, Profile
 
-DEFAULT_SHAPES = ((256, 512), (512, 256), (512, 1024), (1024, 512), (1024, 1024))
-DEFAULT_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
+DEFAULT_SHAPES = ((256, 512), (512, 256), (512, 1024), (1024, 512))
+DEFAULT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -129,19 +129,14 @@ def _least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def fit_gemm_table(overhead_s: float, samples: list[GemmSample], *, dtype: str = "float32",
-                   bins_per_decade: int = 4) -> GemmTable:
-    """Geometric-mean throughput per log-flops bin, placed at the bin's geometric-mean flops."""
-    bins: dict[int, list[tuple[float, float]]] = {}
+def fit_gemm_table(overhead_s: float, samples: list[GemmSample], *, dtype: str = "float32") -> GemmTable:
+    """Per measured row count, the geometric-mean throughput over the measured shapes (profile.py says why rows)."""
+    by_rows: dict[int, list[float]] = {}
     for s in samples:
         compute = max(s.seconds - overhead_s, 0.05 * s.seconds)
-        bins.setdefault(math.floor(math.log10(s.flops) * bins_per_decade), []).append((s.flops, s.flops / compute))
-    points = []
-    for key in sorted(bins):
-        group = bins[key]
-        flops = math.exp(statistics.fmean(math.log(f) for f, _ in group))
-        thr = math.exp(statistics.fmean(math.log(t) for _, t in group))
-        points.append((float(f"{flops:.4g}"), float(f"{thr:.4g}")))
+        by_rows.setdefault(s.m, []).append(s.flops / compute)
+    points = [(float(m), float(f"{math.exp(statistics.fmean(math.log(t) for t in by_rows[m])):.4g}"))
+              for m in sorted(by_rows)]
     return GemmTable(dtype=dtype, call_overhead_s=float(f"{overhead_s:.4g}"), points=tuple(points))
 
 
@@ -151,10 +146,17 @@ def gemm_fit_error(table: GemmTable, samples: list[GemmSample]) -> float:
 
 
 def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "float32", shapes=DEFAULT_SHAPES,
-              rows=DEFAULT_ROWS, show_progress: bool = True) -> tuple[Profile, float]:
-    """Measure this machine and return (the fitted profile, the GEMM fit error)."""
+              rows=DEFAULT_ROWS, threads: int | None = None, show_progress: bool = True) -> tuple[Profile, float]:
+    """Measure this machine and return (the fitted profile, the GEMM fit error).
+
+    ``threads`` sets torch's intra-op threads first: a profile holds for the thread count it was measured with
+    (on a CPU shared with other work, one thread gives steady timings; OpenMP barriers wait on descheduled threads).
+    """
+    import torch
     from rich.progress import Progress
 
+    if threads:
+        torch.set_num_threads(threads)
     with Progress(disable=not show_progress, transient=False) as bar:
         task = bar.add_task("GEMMs", total=len(shapes) * len(rows) + 2)
         overhead, samples = measure_gemms(shapes, rows, dtype=dtype, device=device,
@@ -168,7 +170,6 @@ def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "fl
     table = fit_gemm_table(overhead, samples, dtype=dtype)
     error = gemm_fit_error(table, samples)
     measured = ["gemm", "memory_bandwidth_Bps"] + (["all_to_all"] if a2a else [])
-    import torch
 
     source = (f"measured by moecc calibrate ({', '.join(measured)}) on {device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; other fields from base profile {base.name!r}")
@@ -203,8 +204,7 @@ def fit_step_times(profile: Profile, dims: ExpertDims, samples: list[tuple[list[
             if x <= 0:
                 continue
             for k, n_ in ((dims.d_model, dims.d_ffn), (dims.d_model, dims.d_ffn), (dims.d_ffn, dims.d_model)):
-                flops = 2.0 * x * k * n_
-                A += mult * flops / profile.gemm.flops_per_s(flops)
+                A += mult * 2.0 * x * k * n_ / profile.gemm.flops_per_s(x)
                 B += mult
             C += mult * 5 * x * dims.d_ffn * dims.act_bytes / profile.memory_bandwidth_Bps
         rows_A.append(A / seconds), rows_B.append(B / seconds), rows_C.append(C / seconds), meas.append(seconds)

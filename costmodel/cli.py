@@ -23,6 +23,7 @@ def add_commands(subparsers) -> None:
     cal.add_argument("--base", default="cpu", help=f"profile for fields not measured (file or one of {builtin_profiles()})")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default="float32")
+    cal.add_argument("--threads", type=int, default=1, help="torch threads to measure with (0: torch's default)")
     cal.add_argument("--quick", action="store_true", help="fewer shapes (about 5 s)")
     cal.add_argument("--fit-steps", metavar="FILE",
                      help='JSON {"d_model", "d_ffn", "training", "samples": [{"tokens_per_slot": [...], "seconds": s}]}')
@@ -126,16 +127,16 @@ def _print_plan(result, model, args) -> None:
                   f"costing {1e3 * result.switch_s_total:.2f} ms in all")
 
     # the formulas, symbolic and with this case's numbers, for the busiest slot and rank of window 0
-    k0 = result.assignment[0]
-    load_E = None
     from .workload import window_loads
+
+    k0 = result.assignment[0]
     load_E = window_loads(load_trace(args.trace).layer(args.layer), args.window)[0]
     placement = pool.placements[k0]
     n_max = max(placement.tokens_per_slot(load_E))
     N_max = max(placement.tokens_per_rank(load_E))
     for label, expr, values in (("t_ffn(n)", ffn_time_expr(), {n_sym: n_max}), ("t_a2a", a2a_time_expr(), {N_sym: N_max})):
         text, value = numeric_formula(expr, model.profile, model.dims, model.ranks, values)
-        console.print(f"[bold]{label}[/] = {expr}\n    = {text} = {1e3 * value:.4f} ms")
+        console.print(f"[bold]{label}[/] = {expr}\n    with {text}\n    = {1e3 * value:.4f} ms")
 
 
 def run_calibrate(args) -> int:
@@ -159,7 +160,8 @@ def run_calibrate(args) -> int:
         return 0
     shapes = DEFAULT_SHAPES[:2] if args.quick else DEFAULT_SHAPES
     rows = DEFAULT_ROWS[::2] if args.quick else DEFAULT_ROWS
-    profile, error = calibrate(base, name=args.name, device=args.device, dtype=args.dtype, shapes=shapes, rows=rows)
+    profile, error = calibrate(base, name=args.name, device=args.device, dtype=args.dtype, shapes=shapes, rows=rows,
+                               threads=args.threads or None)
     save_profile(profile, args.out)
     print(f"GEMM table: {len(profile.gemm.points)} points, call overhead {1e6 * profile.gemm.call_overhead_s:.1f} us, "
           f"fit error {100 * error:.1f}% mean absolute; memory {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s; wrote {args.out}")

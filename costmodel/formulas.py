@@ -1,14 +1,14 @@
 """The cost formulas, in sympy: compute per slot and rank, all-to-all by level, step time, switch cost.
 
 Symbols (one legend for reports): n tokens on a slot, N_r tokens on rank r, D model dim, F expert ffn dim,
-b bytes per activation element, o GEMM call overhead, theta(x) achieved GEMM flop/s at a problem of x flops (the
-profile's table), B_mem memory bandwidth, lambda/B latency and bandwidth of a link level, f_intra/f_inter the
+b bytes per activation element, o GEMM call overhead, theta(n) achieved GEMM flop/s with n rows (the profile's
+table), B_mem memory bandwidth, lambda/B latency and bandwidth of a link level, f_intra/f_inter the
 fraction of a rank's received rows that cross each level, P passes over the all-to-all per step, c compute
 multiplier (1 forward, 3 forward + backward), Z bytes per expert moved on a switch, m_r slots rank r must refill.
 
 The model of one MoE layer's step::
 
-    t_gemm(n, k, m) = o + 2 n k m / theta(2 n k m)                          (0 when n = 0: the kernel skips it)
+    t_gemm(n, k, m) = o + 2 n k m / theta(n)                                (0 when n = 0: the kernel skips it)
     t_ffn(n)        = c * (2 t_gemm(n, D, F) + t_gemm(n, F, D) + 5 n F b / B_mem)   SwiGLU: gate, up, down, act
     compute_r       = sum over slots s on r of t_ffn(n_s)
     t_a2a           = lambda + max_r N_r * D * b * max(f_intra / B_intra, f_inter / B_inter)
@@ -22,7 +22,6 @@ plain Python functions for the search.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -66,8 +65,7 @@ class ExpertDims:
 
 
 def gemm_time_expr(rows, k, m_out):
-    flops = 2 * rows * k * m_out
-    return sp.Piecewise((0, sp.Le(rows, 0)), (o + flops / theta(flops), True))
+    return sp.Piecewise((0, sp.Le(rows, 0)), (o + 2 * rows * k * m_out / theta(rows), True))
 
 
 def ffn_time_expr():
@@ -172,12 +170,10 @@ def compile_cost_model(profile: Profile, dims: ExpertDims, ranks: int) -> CostMo
 
 
 def numeric_formula(expr, profile: Profile, dims: ExpertDims, ranks: int, values: dict) -> tuple[str, float]:
-    """The formula with every symbol replaced by its number (for reports), and its value."""
+    """The numbers that go into a formula (``symbol = value`` for each, theta at its argument) and its value."""
     subs = {**constants(profile, dims, ranks), **values}
-    filled = expr.subs(subs)
-    numeric = filled.replace(theta, lambda x: sp.Float(profile.gemm.flops_per_s(float(x)), 4))
-    return str(sp.N(filled, 4)), float(numeric.evalf())
-
-
-def isclose(a: float, b_: float) -> bool:
-    return math.isclose(a, b_, rel_tol=1e-9, abs_tol=1e-12)
+    value = expr.subs(subs).replace(theta, lambda x: sp.Float(profile.gemm.flops_per_s(float(x))))
+    parts = [f"{sym} = {float(subs[sym]):.4g}" for sym in sorted(expr.free_symbols, key=str) if sym in subs]
+    parts += [f"{call.func}({float(call.args[0].subs(subs)):.4g}) = {profile.gemm.flops_per_s(float(call.args[0].subs(subs))):.4g}"
+              for call in expr.atoms(sp.core.function.AppliedUndef)]
+    return ", ".join(parts), float(value.evalf())

@@ -11,15 +11,19 @@ so that a typo cannot silently fall back to a default::
       "memory_bandwidth_Bps": 3.35e12,       # streaming bandwidth, for elementwise work
       "gemm": {"dtype": "bfloat16",
                "call_overhead_s": 4e-6,      # fixed cost per GEMM call (launch, Python, tiling set-up)
-               "table": [[flops, flops_per_s], ...]},  # achieved throughput by problem size, sorted by flops
+               "table": [[rows, flops_per_s], ...]},   # achieved throughput by GEMM rows, sorted by rows
       "all_to_all": {"intra_node": {"bandwidth_Bps": ..., "latency_s": ...},
                      "inter_node": {"bandwidth_Bps": ..., "latency_s": ...}},
       "param_move": {"bandwidth_Bps": ..., "latency_s": ...}   # moving expert weights + optimizer state
     }
 
 The GEMM table is the calibrated part: achieved throughput differs by orders of magnitude between a GEMM of a few
-rows and a large one, and MoE experts live at the small end under skew. Between points it is interpolated
-linearly in log(flops)-log(throughput); outside the table the nearest point holds. Bandwidths are per rank and per
+rows and a large one, and MoE experts live at the small end under skew. It is keyed by the row count m of an
+``[m, k] @ [k, n]`` GEMM (tokens on a slot) rather than by flops: an expert GEMM has m << k, n, its weights are
+streamed once whatever m is, so throughput grows with m (about ``2 m * bandwidth / bytes per element`` while
+weight-read bound) up to the compute peak, nearly independent of k and n; measured on this CPU, two shapes of
+equal flops differ 3x, two shapes of equal rows by 10-25%. Between points the table is interpolated linearly in
+log(rows)-log(throughput); outside it the nearest point holds. Bandwidths are per rank and per
 direction. Hand-tuning means editing these numbers; ``calibrate.fit_step_times`` scales them from measured steps.
 """
 from __future__ import annotations
@@ -50,30 +54,29 @@ class Link:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GemmTable:
-    """Achieved GEMM throughput by problem size: ``points`` are ``(flops, flops_per_s)`` sorted by flops."""
+    """Achieved GEMM throughput by row count: ``points`` are ``(rows, flops_per_s)`` sorted by rows."""
 
     dtype: str
     call_overhead_s: float
     points: tuple[tuple[float, float], ...]
 
-    def flops_per_s(self, flops: float) -> float:
-        """Throughput at ``flops``, log-log interpolated, clamped to the end points."""
+    def flops_per_s(self, rows: float) -> float:
+        """Throughput of a GEMM with ``rows`` rows, log-log interpolated, clamped to the end points."""
         xs = [p[0] for p in self.points]
-        if flops <= xs[0]:
+        if rows <= xs[0]:
             return self.points[0][1]
-        if flops >= xs[-1]:
+        if rows >= xs[-1]:
             return self.points[-1][1]
-        i = bisect.bisect_right(xs, flops)
+        i = bisect.bisect_right(xs, rows)
         (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
-        t = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        t = (math.log(rows) - math.log(x0)) / (math.log(x1) - math.log(x0))
         return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
 
     def time_s(self, m: float, k: float, n: float) -> float:
         """Seconds for one ``[m, k] @ [k, n]`` GEMM; zero rows cost nothing (the grouped kernel skips them)."""
         if m <= 0:
             return 0.0
-        flops = 2.0 * m * k * n
-        return self.call_overhead_s + flops / self.flops_per_s(flops)
+        return self.call_overhead_s + 2.0 * m * k * n / self.flops_per_s(m)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,16 +148,16 @@ def _gemm(obj: object) -> GemmTable:
     d = _fields(obj, "gemm", {"dtype", "call_overhead_s", "table"})
     table = d["table"]
     if not isinstance(table, list) or not table:
-        raise ProfileError("profile field 'gemm.table' must be a non-empty list of [flops, flops_per_s]")
+        raise ProfileError("profile field 'gemm.table' must be a non-empty list of [rows, flops_per_s]")
     points = []
     for i, row in enumerate(table):
         where = f"gemm.table[{i}]"
         if not isinstance(row, list) or len(row) != 2:
-            raise ProfileError(f"profile field '{where}' must be [flops, flops_per_s], got {row!r}")
-        pair = dict(zip(("flops", "flops_per_s"), row))
-        points.append((_number(pair, "flops", where), _number(pair, "flops_per_s", where)))
+            raise ProfileError(f"profile field '{where}' must be [rows, flops_per_s], got {row!r}")
+        pair = dict(zip(("rows", "flops_per_s"), row))
+        points.append((_number(pair, "rows", where), _number(pair, "flops_per_s", where)))
         if i and points[i][0] <= points[i - 1][0]:
-            raise ProfileError(f"profile field '{where}' must have larger flops than the row before (sorted table)")
+            raise ProfileError(f"profile field '{where}' must have more rows than the row before (sorted table)")
     return GemmTable(dtype=_string(d, "dtype", "gemm"), call_overhead_s=_number(d, "call_overhead_s", "gemm", positive=False),
                      points=tuple(points))
 

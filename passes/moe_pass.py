@@ -8,6 +8,7 @@ import copy
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from .detect import detect_moe_blocks
@@ -15,6 +16,11 @@ from .expert_template import TemplateError
 from .rewrite_slots import RewriteError, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent
+
+
+def concrete_inputs(example_inputs) -> list:
+    """Dynamo hands dynamic sizes as SymInts; the numeric probe and the checks run eagerly on their values."""
+    return [a.node.hint if isinstance(a, torch.SymInt) and a.node.hint is not None else a for a in example_inputs]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,6 +41,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "") -> tuple[
     """Rewrite the MoE blocks of ``gm``; a block that fails detection, rewrite or validation stays as it was."""
     records = []
     current = gm
+    example_inputs = concrete_inputs(example_inputs)
     blocks = detect_moe_blocks(gm)
     for i, block in enumerate(blocks):
         start = time.perf_counter()

@@ -1,0 +1,116 @@
+"""The backend as users meet it: registration, training, state, fallbacks, models without MoE, the report."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import moe_zoo as zoo
+from conftest import assert_same_forward_backward, compile_and_records
+
+import moecc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_backend_found_by_name_without_importing_moecc():
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); import moe_zoo as z; m = z.LoopMoE(); x = torch.randn(1, 3, 16);"
+            "y = torch.compile(m, backend='moecc')(x)[0]; assert torch.allclose(y, m(x)[0], atol=1e-5);"
+            "assert 'moecc' not in sys.modules or 'moecc.backend' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_register_is_idempotent_after_import():
+    moecc.register()
+    moecc.register()
+    assert "moecc" in dynamo.list_backends()
+
+
+def test_capture_flags_are_scoped_to_moecc_compiles():
+    compile_and_records(zoo.LoopMoE(), torch.randn(1, 3, 16))
+    assert dynamo.config.capture_scalar_outputs is False
+    assert dynamo.config.capture_dynamic_output_shape_ops is False
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        return x * x.sum().item()
+
+    dynamo.reset()
+    torch.compile(f, backend=counting_backend)(torch.randn(4))
+    assert len(graphs) == 2  # .item() still breaks the graph for other backends
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    """A two-block model trained five AdamW steps compiled with moecc, and an eager twin trained alike."""
+    model = zoo.TinyTransformer()
+    twin = copy.deepcopy(model)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model, backend="moecc")
+    opt, opt_twin = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin))
+    losses = []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        tokens = torch.randint(0, 64, (2, 6), generator=gen)
+        for m, o in ((compiled, opt), (twin, opt_twin)):
+            loss = torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten())
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            losses.append(loss.item())
+    return model, twin, state_before, losses
+
+
+def test_five_optimizer_steps_give_eager_parameters(trained_pair):
+    model, twin, _, losses = trained_pair
+    assert losses[0::2] == pytest.approx(losses[1::2], rel=1e-4)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_state_dict_keys_unchanged_and_values_are_the_trained_ones(trained_pair):
+    model, twin, state_before, _ = trained_pair
+    assert list(model.state_dict()) == list(state_before)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, twin.state_dict()[k], atol=1e-5, rtol=1e-4)
+
+
+def test_model_without_moe_matches_stock_inductor():
+    model = zoo.DenseMLP()
+    x = torch.randn(3, 5, 16)
+    before = len(moecc.report().blocks)
+    ours = torch.compile(model, backend="moecc")(x)
+    stock = torch.compile(copy.deepcopy(model), backend="inductor")(x)
+    torch.testing.assert_close(ours, stock, atol=1e-6, rtol=1e-6)
+    assert len(moecc.report().blocks) == before
+
+
+def test_malformed_block_falls_back_with_a_reason_and_stays_correct():
+    model = zoo.MisroutedMoE()
+    compiled, records = compile_and_records(model, torch.randn(1, 4, 16))
+    assert len(records) == 1 and records[0].outcome.startswith("fallback: ")
+    assert len(records[0].outcome) > len("fallback: ") + 10
+    assert_same_forward_backward(model, compiled, torch.randn(1, 4, 16))
+
+
+def test_shared_expert_outside_the_block_stays_dense_and_correct():
+    model = zoo.SharedExpertMoE()
+    compiled, records = compile_and_records(model, torch.randn(2, 3, 16))
+    assert [r.spec.path for r in records] == ["moe"] and records[0].rewritten
+    assert_same_forward_backward(model, compiled, torch.randn(2, 3, 16))
+
+
+def test_report_renders_a_table_with_paths_and_outcomes():
+    compile_and_records(zoo.TinyTransformer(), torch.randint(0, 64, (1, 4)))
+    text = str(moecc.report())
+    assert "moes.0" in text and "moes.1" in text and "rewritten" in text
+    assert "softmax" in text

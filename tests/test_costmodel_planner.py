@@ -1,0 +1,142 @@
+"""The pool planner: the ILP is exact on small instances, never worse than the greedy, and refuses bad inputs."""
+import itertools
+import random
+
+import pulp
+import pytest
+
+from moecc.costmodel.formulas import ExpertDims, compile_cost_model
+from moecc.costmodel.greedy import InfeasibleError, greedy_placement, static_placement
+from moecc.costmodel.placement import Pool, SlotLayout
+from moecc.costmodel.planner import (align_pool, choose_member, evaluate_pool, greedy_pool, plan_pool,
+                                     planning_objective, simulate_pool, solve_pool_ilp)
+from moecc.costmodel.profile import builtin_profile
+
+KAPPA = 1e-6  # seconds per token on the busiest rank
+
+
+def _best_shares_lp(rank_sets, loads, steps):
+    """The continuous part of the model for one fixed choice of experts per rank: an LP over the shares."""
+    E, R = len(loads[0]), len(rank_sets)
+    prob = pulp.LpProblem("shares", pulp.LpMinimize)
+    g = {(r, e): pulp.LpVariable(f"g_{r}_{e}", 0, 1) for r in range(R) for e in rank_sets[r]}
+    T = [pulp.LpVariable(f"T_{w}", 0) for w in range(len(loads))]
+    prob += pulp.lpSum(s * t for s, t in zip(steps, T))
+    for e in range(E):
+        prob += pulp.lpSum(g[r, e] for r in range(R) if e in rank_sets[r]) == 1
+    for w, load in enumerate(loads):
+        for r in range(R):
+            prob += T[w] >= pulp.lpSum(load[e] * g[r, e] for e in rank_sets[r])
+    prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    return KAPPA * pulp.value(prob.objective)
+
+
+def _brute_force(E, R, S, loads, steps, K, switch_s):
+    """Exhaustive enumeration of the planning model: every assignment of windows to at most K members, every
+    choice of experts per rank (up to rank order), shares by LP; seconds per step including switches."""
+    subsets = [frozenset(c) for size in range(S + 1) for c in itertools.combinations(range(E), size)]
+    layouts = {tuple(sorted(tuple(sorted(s)) for s in combo)) for combo in itertools.combinations_with_replacement(subsets, R)
+               if frozenset().union(*combo) == frozenset(range(E))}
+    best_for_group = {}
+    total_steps = sum(steps)
+    best = float("inf")
+    for assign in itertools.product(range(K), repeat=len(loads)):
+        cost = switch_s * sum(a != b for a, b in zip(assign, assign[1:]))
+        for k in set(assign):
+            group = tuple(w for w, a in enumerate(assign) if a == k)
+            if group not in best_for_group:
+                best_for_group[group] = min(
+                    _best_shares_lp([set(s) for s in sets], [loads[w] for w in group], [steps[w] for w in group])
+                    for sets in layouts)
+            cost += best_for_group[group]
+        best = min(best, cost / total_steps)
+    return best
+
+
+@pytest.mark.parametrize("E, R, S, K, loads, switch_s", [
+    (5, 3, 2, 1, [[90, 40, 30, 20, 10], [20, 80, 40, 10, 40]], 0.0),
+    (4, 2, 3, 2, [[100, 10, 10, 5], [10, 100, 5, 10], [90, 20, 10, 10]], 2e-4),
+    (6, 3, 2, 1, [[120, 60, 30, 20, 15, 5]], 0.0),
+])
+def test_ilp_optimum_equals_brute_force(E, R, S, K, loads, switch_s):
+    steps = [10] * len(loads)
+    layout = SlotLayout(ranks=R, slots_per_rank=S)
+    result = solve_pool_ilp(layout, loads, steps, K, kappa=KAPPA, switch_s=switch_s, time_limit_s=20, gap_rel=1e-9)
+    assert result is not None and result.status == "optimal"
+    expected = _brute_force(E, R, S, loads, steps, K, switch_s)
+    assert result.objective_s == pytest.approx(expected, rel=1e-6)
+    assert planning_objective(result.pool, loads, steps, KAPPA, switch_s) == pytest.approx(expected, rel=1e-6)
+
+
+def _random_instance(rng, E, W):
+    hot = [rng.sample(range(E), 2) for _ in range(W)]
+    return [[rng.randint(1, 20) + (300 if e == h[0] else 120 if e == h[1] else 0) for e in range(E)] for h in hot]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_is_never_better_than_the_ilp(seed):
+    rng = random.Random(seed)
+    E, R, S, K = 6, 3, 3, 2
+    loads = _random_instance(rng, E, 4)
+    steps = [20] * 4
+    layout = SlotLayout(ranks=R, slots_per_rank=S)
+    switch_s = 1e-5
+    ilp = solve_pool_ilp(layout, loads, steps, K, kappa=KAPPA, switch_s=switch_s, time_limit_s=10)
+    greedy, _ = greedy_pool(layout, loads, steps, K, KAPPA, switch_s)
+    assert ilp.objective_s <= planning_objective(greedy, loads, steps, KAPPA, switch_s) * (1 + 1e-9)
+    for w, load in enumerate(loads):
+        single = solve_pool_ilp(layout, [load], [1], 1, kappa=KAPPA, switch_s=0.0, time_limit_s=10)
+        lpt = Pool(layout=layout, placements=(greedy_placement(layout, load),))
+        assert single.objective_s <= planning_objective(lpt, [load], [1], KAPPA, 0.0) * (1 + 1e-9)
+
+
+def _model(ranks, profile="h100-sxm-8x", **dims):
+    return compile_cost_model(builtin_profile(profile), ExpertDims(d_model=1024, d_ffn=704, **dims), ranks)
+
+
+def test_more_experts_than_slots_is_refused():
+    layout = SlotLayout(ranks=2, slots_per_rank=2)
+    with pytest.raises(InfeasibleError, match="5 experts do not fit in 2 ranks x 2 slots"):
+        plan_pool(layout, [[1, 2, 3, 4, 5]], [1], 1, _model(2))
+
+
+def test_slots_that_do_not_fit_in_device_memory_are_refused():
+    layout = SlotLayout(ranks=2, slots_per_rank=4)
+    huge = ExpertDims(d_model=16384, d_ffn=65536)  # 3.2 G params per expert: 45 GB with Adam state
+    model = compile_cost_model(builtin_profile("a100-sxm-8x"), huge, 2)
+    with pytest.raises(InfeasibleError, match="device_memory_bytes"):
+        plan_pool(layout, [[5, 4, 3, 2]], [1], 1, model)
+
+
+def test_planned_pool_beats_static_expert_parallelism_on_a_skewed_trace():
+    layout = SlotLayout(ranks=4, slots_per_rank=3)
+    model = _model(4)
+    loads = [[4000, 900, 500, 400, 300, 200, 150, 100], [300, 200, 150, 100, 4000, 900, 500, 400]]
+    steps = [100, 100]
+    plan = plan_pool(layout, loads, steps, 2, model, time_limit_s=5)
+    static = Pool(layout=layout, placements=(static_placement(layout, 8),))
+    assert simulate_pool(plan.pool, loads, steps, model).expected_step_s < \
+        0.6 * simulate_pool(static, loads, steps, model).expected_step_s
+
+
+def test_runtime_evaluation_prices_each_member_and_its_switch():
+    layout = SlotLayout(ranks=2, slots_per_rank=2)
+    model = _model(2)
+    hot0, hot2 = [900, 50, 50, 0], [50, 0, 900, 50]
+    pool = align_pool(Pool(layout=layout, placements=(greedy_placement(layout, hot0), greedy_placement(layout, hot2))))
+    costs = evaluate_pool(pool, hot2, 0, model)
+    assert costs[0][1] == 0.0 and costs[1][1] > 0.0
+    assert costs[1][0] < costs[0][0]
+    assert choose_member(pool, hot2, 0, model, steps_ahead=1_000_000) == 1
+    assert choose_member(pool, hot2, 0, model, steps_ahead=0) == 0
+
+
+def test_aligning_a_pool_keeps_step_times_and_moves_no_more_slots():
+    layout = SlotLayout(ranks=3, slots_per_rank=3)
+    model = _model(3)
+    a = greedy_placement(layout, [500, 300, 200, 100, 50, 40, 30])
+    b = greedy_placement(layout, [40, 30, 500, 300, 200, 100, 50])
+    aligned = align_pool(Pool(layout=layout, placements=(a, b)))
+    load = [100, 200, 300, 50, 40, 30, 20]
+    assert model.step_s(aligned.placements[1], load) == pytest.approx(model.step_s(b, load))
+    assert model.switch_s(aligned.placements[0], aligned.placements[1]) <= model.switch_s(a, b)
