@@ -111,8 +111,9 @@ def test_slots_that_do_not_fit_in_device_memory_are_refused():
 def test_planned_pool_beats_static_expert_parallelism_on_a_skewed_trace():
     layout = SlotLayout(ranks=4, slots_per_rank=3)
     model = _model(4)
-    loads = [[4000, 900, 500, 400, 300, 200, 150, 100], [300, 200, 150, 100, 4000, 900, 500, 400]]
-    steps = [100, 100]
+    shape = [[40, 9, 5, 4, 3, 2, 1.5, 1], [3, 2, 1.5, 1, 40, 9, 5, 4]]
+    loads = [[2000 * x for x in row] for row in shape]
+    steps = [1000, 1000]
     plan = plan_pool(layout, loads, steps, 2, model, time_limit_s=5)
     static = Pool(layout=layout, placements=(static_placement(layout, 8),))
     assert simulate_pool(plan.pool, loads, steps, model).expected_step_s < \
@@ -120,9 +121,9 @@ def test_planned_pool_beats_static_expert_parallelism_on_a_skewed_trace():
 
 
 def test_runtime_evaluation_prices_each_member_and_its_switch():
-    layout = SlotLayout(ranks=2, slots_per_rank=2)
+    layout = SlotLayout(ranks=2, slots_per_rank=3)  # two spare slots: each member replicates its hot expert
     model = _model(2)
-    hot0, hot2 = [900, 50, 50, 0], [50, 0, 900, 50]
+    hot0, hot2 = [9000, 500, 500, 10], [500, 10, 9000, 500]
     pool = align_pool(Pool(layout=layout, placements=(greedy_placement(layout, hot0), greedy_placement(layout, hot2))))
     costs = evaluate_pool(pool, hot2, 0, model)
     assert costs[0][1] == 0.0 and costs[1][1] > 0.0
