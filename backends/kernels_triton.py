@@ -35,6 +35,7 @@ key is tuned, or where tuning is off (``MOECC_AUTOTUNE=0``, CUDA-graph capture, 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -257,7 +258,7 @@ class KernelConfig:
     num_stages: int = 3
 
 
-# Fits every GPU from sm70 on (about 36 KiB of shared memory at 3 stages in bf16), keeps 64-row tiles so that a
+# Fits every GPU from sm80 on (about 36 KiB of shared memory at 3 stages in bf16), keeps 64-row tiles so that a
 # small group wastes at most 63 rows, and loses to a tuned config by a small factor, not by an order of magnitude.
 DEFAULT_CONFIG = KernelConfig()
 # Under the interpreter each program runs in Python: small tiles, and tests pick their own to cover the masking.
@@ -346,7 +347,13 @@ def _autotune_enabled(x: Tensor) -> bool:
 
 
 def _device_name(x: Tensor) -> str:
-    return torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    return _cuda_device_name(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else x.device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _config_of(entry: dict) -> KernelConfig:
