@@ -131,6 +131,9 @@ def _grouped_mm_kernel(
         src = rows.to(tl.int64)
     if W_LIST:
         w_base = tl.load(w_ptrs_ptr + g).to(tl.pointer_type(w_ptr.dtype.element_ty))
+        # The launcher admits only 16-byte aligned tables; without this hint B's loads are not vectorised and the
+        # K loop pipelines only A (checked with compile_for_target).
+        w_base = tl.multiple_of(w_base, 16)
     else:
         w_base = w_ptr + g.to(tl.int64) * stride_wg
 
@@ -406,14 +409,16 @@ def _weight_operand(weights: list[Tensor], transpose_w: bool) -> tuple[Tensor, T
 
     A list of per-expert 2-D weights (ModuleList) is read through a device table of their addresses instead of a
     ``torch.stack`` per call (which would copy every expert weight each step). The table is cached by the
-    addresses, so steady state costs no host-to-device copy. Lists with mixed strides fall back to one stack.
+    addresses, so steady state costs no host-to-device copy. Lists with mixed strides, or a weight not 16-byte
+    aligned (the kernel promises the compiler aligned bases), fall back to one stack.
     """
     if len(weights) == 1 and weights[0].dim() == 3:
         w = weights[0]
         stride_g, s1, s2 = w.stride()
         return w, None, (stride_g, s2, s1) if transpose_w else (stride_g, s1, s2)
     w0 = weights[0]
-    if any(w.stride() != w0.stride() or w.shape != w0.shape or w.dtype != w0.dtype for w in weights):
+    if any(w.stride() != w0.stride() or w.shape != w0.shape or w.dtype != w0.dtype or w.data_ptr() % 16
+           for w in weights):
         return _weight_operand([torch.stack(weights)], transpose_w)
     key = (w0.device, tuple(w.data_ptr() for w in weights))
     table = _POINTER_TABLES.get(key)
@@ -700,7 +705,8 @@ def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, ar
 
     Specialises arguments the way a JIT launch on contiguous, 16-aligned tensors does (unit strides become
     constants, pointers and the other integers are marked divisible by 16), since that decides vectorised and
-    pipelined (``cp.async``) loads. Returns shared memory bytes, warps and whether the K loop was software-pipelined,
+    pipelined (``cp.async``) loads. Returns shared memory bytes, warps, whether the K loop was software-pipelined
+    and how many asynchronous copies it issues (an operand that loses vectorisation drops out of that count),
     so a CPU-only machine can check that every variant lowers for real hardware and that each tuned config fits
     the target's shared memory (``SHARED_MEMORY_LIMIT``). Not usable under ``TRITON_INTERPRET=1``.
     """
@@ -738,7 +744,8 @@ def compile_for_target(kernel: str, dtype: torch.dtype, config: KernelConfig, ar
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     return {"shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
-            "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"]}
+            "pipelined": "async_copy_global_to_local" in compiled.asm["ttgir"],
+            "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local")}
 
 
 # Usable shared memory per block (bytes): sm80 (A100) 163 KiB, sm90 (H100/H200) 227 KiB.

@@ -356,6 +356,32 @@ def test_cached_choice_is_used(monkeypatch):
     assert seen == [SMALL]
 
 
+def test_first_use_measures_records_winner_and_writes_cache_file(tmp_path, monkeypatch):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv("MOECC_TUNE_CACHE", str(path))
+    monkeypatch.setattr(kt, "TUNE_CACHE", {})
+    monkeypatch.setattr(kt, "_autotune_enabled", lambda x: True)
+    measured = []
+
+    def fake_time_ms(fn):  # config 2 is "fastest"; nothing is launched
+        measured.append(fn)
+        return 1.0 if len(measured) == 3 else 5.0
+
+    monkeypatch.setattr(kt, "cuda_time_ms", fake_time_ms)
+    seen = []
+    monkeypatch.setattr(kt, "grouped_mm_triton", lambda *a: seen.append(a[4]) or a[0])
+    x, w, offsets = torch.randn(4, 16), make_weight(1, 16, 16, True), offsets_of([4])
+    kt.grouped_mm(x, [w], offsets, True)
+    assert len(measured) == len(kt.TUNE_CONFIGS)  # fp32: no torch._grouped_mm candidate
+    assert seen == [kt.TUNE_CONFIGS[2]]
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry["impl"] == "triton" and kt.KernelConfig(**entry["config"]) == kt.TUNE_CONFIGS[2]
+
+    kt.grouped_mm(x, [w], offsets, True)
+    assert len(measured) == len(kt.TUNE_CONFIGS)  # second call: from the cache, no measuring
+    assert seen == [kt.TUNE_CONFIGS[2]] * 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,3 +441,5 @@ def test_kernels_compile_for_sm90_pipelined_and_within_shared_memory():
     for name, meta in compiled.items():
         assert meta["pipelined"], name
         assert meta["shared"] <= kt.SHARED_MEMORY_LIMIT[90], (name, meta["shared"])
+    # Weights read through the pointer table are still vectorised and pipelined like stacked ones.
+    assert compiled["pointer_table"]["async_copies"] == compiled["default"]["async_copies"]
