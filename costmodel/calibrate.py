@@ -1,7 +1,7 @@
 """``moecc calibrate``: measure this machine and fit a profile; and fitting a profile to measured step times.
 
 What is measured (torch, imported only here): GEMMs at expert-like shapes over a range of row counts, the fixed
-cost of one GEMM call, streaming memory bandwidth, and, when started under ``torchrun`` with several processes,
+cost of one GEMM call, the effective bandwidth of the expert's elementwise work (its SwiGLU activation), and, when started under ``torchrun`` with several processes,
 all-to-all latency and bandwidth (gloo on CPU, NCCL on GPU). Fields it cannot measure (the other link level,
 device memory on a GPU-less run) come from a base profile and are said so in ``source``.
 
@@ -37,42 +37,68 @@ class GemmSample:
         return 2.0 * self.m * self.k * self.n
 
 
-def _timeit(fn, *, min_time_s: float = 0.05, repeats: int = 5) -> float:
-    """Median seconds per call: calls batched until a batch takes ``min_time_s``, so timer noise stays small."""
+def timeit(fn, *, min_time_s: float = 0.1, repeats: int = 5, clock=None) -> float:
+    """Seconds per call, the median of ``repeats`` batches; calls are batched until a batch takes
+    ``min_time_s / repeats`` so timer resolution does not matter.
+
+    ``clock`` defaults to ``cpu_clock()``: on a CPU run with one torch thread, the calling thread's CPU time,
+    which other work on a shared machine does not inflate (wall time there measured the neighbours' load: the
+    same 64-row kernel took 5.6 ms and 10.2 ms a minute apart); wall time otherwise.
+    """
+    clock = clock or cpu_clock()
     fn()
     calls = 1
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             fn()
-        if time.perf_counter() - t0 >= min_time_s / repeats or calls >= 1 << 16:
+        if clock() - t0 >= min_time_s / repeats or calls >= 1 << 16:
             break
         calls *= 2
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls)
+        times.append((clock() - t0) / calls)
     return statistics.median(times)
 
 
+def cpu_clock():
+    """The thread's CPU-time clock when torch computes on this thread alone (CPU, one thread), else wall time."""
+    import torch
+
+    if torch.get_num_threads() == 1 and not torch.cuda.is_initialized():
+        return time.thread_time
+    return time.perf_counter
+
+
 def measure_gemms(shapes=DEFAULT_SHAPES, rows=DEFAULT_ROWS, *, dtype: str = "float32", device: str = "cpu",
-                  progress=None) -> tuple[float, list[GemmSample]]:
-    """(seconds of one minimal GEMM call, one sample per shape x row count)."""
+                  progress=None, weight_bytes: int = 128 << 20) -> tuple[float, list[GemmSample]]:
+    """(seconds of one minimal GEMM call, one sample per shape x row count).
+
+    Each call uses the next of several weight copies totalling ``weight_bytes`` (more than a cache holds): an
+    expert layer reads every expert's weights once per step, so a weight that stays cached between calls would
+    flatter the small-row GEMMs that skewed loads produce.
+    """
     import torch
 
     dt = getattr(torch, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def timed(m, k, n):
+    def timed(m, k, n, rotate=True):
         a = torch.randn(m, k, dtype=dt, device=device)
-        w = torch.randn(n, k, dtype=dt, device=device)
+        copies = max(1, min(64, weight_bytes // (k * n * a.element_size()))) if rotate else 1
+        ws = [torch.full((n, k), 0.01, dtype=dt, device=device) for _ in range(copies)]
         out = torch.empty(m, n, dtype=dt, device=device)
-        run = lambda: (torch.mm(a, w.t(), out=out), sync())  # noqa: E731  (nn.Linear's layout, as the kernel uses)
-        return _timeit(run)
+        turn = iter(range(1 << 62))
 
-    overhead = timed(1, 8, 8)
+        def run():
+            torch.mm(a, ws[next(turn) % copies].t(), out=out)  # nn.Linear's layout, as the expert kernel uses
+            sync()
+        return timeit(run)
+
+    overhead = timed(1, 8, 8, rotate=False)
     samples = []
     for k, n in shapes:
         for m in rows:
@@ -82,14 +108,22 @@ def measure_gemms(shapes=DEFAULT_SHAPES, rows=DEFAULT_ROWS, *, dtype: str = "flo
     return overhead, samples
 
 
-def measure_memory_bandwidth(*, device: str = "cpu", num_bytes: int = 1 << 27) -> float:
-    """Bytes per second of a large copy (read + write counted)."""
-    import torch
+def measure_elementwise_bandwidth(*, device: str = "cpu", dtype: str = "float32", rows: int = 4096,
+                                  width: int = 1024) -> float:
+    """Effective bytes per second of the expert's elementwise work, measured on that work: ``silu(g) * u``.
 
-    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
+    The formulas charge the activation ``5 n F b`` bytes (silu reads g, writes s; the product reads s and u and
+    writes h); dividing by its measured time gives the bandwidth that makes that charge right. On a GPU this is
+    close to the memory bandwidth; on a CPU the exp in silu makes it about half of a plain copy's.
+    """
+    import torch
+    import torch.nn.functional as nnf
+
+    dt = getattr(torch, dtype)
+    g = torch.randn(rows, width, dtype=dt, device=device)
+    u = torch.randn(rows, width, dtype=dt, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return 2 * num_bytes / _timeit(lambda: (dst.copy_(src), sync()), repeats=3)
+    return 5 * g.numel() * g.element_size() / timeit(lambda: (nnf.silu(g) * u, sync()))
 
 
 def measure_all_to_all(sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 22)) -> Link | None:
@@ -114,7 +148,7 @@ def measure_all_to_all(sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 22)) -> Link | Non
             dist.all_to_all_single(recv, send)
         run()
         dist.barrier()
-        t = _timeit(run, repeats=3)
+        t = timeit(run, repeats=3, clock=time.perf_counter)  # waiting on peers is the cost
         xs.append(numel * 4 * (world - 1) / world)
         ys.append(t)
     slope, intercept = _least_squares(xs, ys)
@@ -161,8 +195,8 @@ def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "fl
         task = bar.add_task("GEMMs", total=len(shapes) * len(rows) + 2)
         overhead, samples = measure_gemms(shapes, rows, dtype=dtype, device=device,
                                           progress=lambda: bar.advance(task))
-        bar.update(task, description="memory bandwidth")
-        mem_bw = measure_memory_bandwidth(device=device)
+        bar.update(task, description="elementwise bandwidth")
+        mem_bw = measure_elementwise_bandwidth(device=device, dtype=dtype)
         bar.advance(task)
         bar.update(task, description="all-to-all")
         a2a = measure_all_to_all()

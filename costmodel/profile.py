@@ -8,7 +8,7 @@ so that a typo cannot silently fall back to a default::
       "name": "h100-sxm-8x", "source": "datasheet | measured by moecc calibrate ...", "notes": "free text",
       "nodes": 8, "devices_per_node": 8,
       "device_memory_bytes": 80e9,           # what one rank may spend on expert slots (weights + grads + optimizer)
-      "memory_bandwidth_Bps": 3.35e12,       # streaming bandwidth, for elementwise work
+      "memory_bandwidth_Bps": 3.35e12,       # effective bandwidth of elementwise work (the SwiGLU activation)
       "gemm": {"dtype": "bfloat16",
                "call_overhead_s": 4e-6,      # fixed cost per GEMM call (launch, Python, tiling set-up)
                "table": [[rows, flops_per_s], ...]},   # achieved throughput by GEMM rows, sorted by rows
