@@ -183,22 +183,26 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
     sw = {(w, k): pulp.LpVariable(f"s_{w}_{k}", 0) for w in range(W - 1) for k in ks} if K > 1 else {}
     prob += pulp.lpSum(p[w] * T[w] for w in ws) + per_switch * pulp.lpSum(sw.values())
 
+    # Expressions are built from (variable, coefficient) lists: PuLP's operator overloading costs ~10x more,
+    # which at E=64 x R=64 is most of the time budget.
+    lin = pulp.LpAffineExpression
     for k in ks:
         for r in rs:
-            prob += pulp.lpSum(y[k, r, e] for e in es) <= S
+            prob += lin([(y[k, r, e], 1) for e in es]) <= S
             for e in es:
-                prob += g[k, r, e] <= y[k, r, e]
+                prob += lin([(g[k, r, e], 1), (y[k, r, e], -1)]) <= 0
         for e in es:
-            prob += pulp.lpSum(g[k, r, e] for r in rs) == 1
-        rank_load = {(r, w): pulp.lpSum(L[w][e] * g[k, r, e] for e in es if L[w][e]) for r in rs for w in ws}
+            prob += lin([(g[k, r, e], 1) for r in rs]) == 1
         for r in rs:
             if r + 1 < R:
-                prob += pulp.lpSum(mean[e] * g[k, r, e] for e in es) >= pulp.lpSum(mean[e] * g[k, r + 1, e] for e in es)
+                prob += lin([(g[k, r, e], mean[e]) for e in es if mean[e]]
+                            + [(g[k, r + 1, e], -mean[e]) for e in es if mean[e]]) >= 0
             for w in ws:
+                terms = [(g[k, r, e], -L[w][e]) for e in es if L[w][e]] + [(T[w], 1)]
                 if K == 1:
-                    prob += T[w] >= rank_load[r, w]
-                else:
-                    prob += T[w] >= rank_load[r, w] - total[w] * (1 - a[w, k])
+                    prob += lin(terms) >= 0
+                else:  # T_w >= load - total_w (1 - a): only binding for the member that serves w
+                    prob += lin(terms + [(a[w, k], -total[w])]) >= -total[w]
     if K > 1:
         for w in ws:
             prob += pulp.lpSum(a[w, k] for k in ks) == 1
@@ -340,6 +344,7 @@ def align_pool(pool: Pool) -> Pool:
 # -- the planner ------------------------------------------------------------------------------------------------
 
 MONOLITHIC_MAX_BINARIES = 400
+CBC_SHARE = 0.75  # of the time left that goes to CBC's search; the rest covers building and file round trips
 
 
 def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, model: CostModel, *,
@@ -366,12 +371,14 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
     result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=bound,
                       gap=_gap(warm_obj, bound), solve_s=0.0, status="greedy")
     if use_ilp:
+        left = time_limit_s - (time.perf_counter() - started)
         if min(K, len(load_WE)) * R * E <= MONOLITHIC_MAX_BINARIES:
+            # CBC's limit is its own search; model writing, start-up and reading back come on top
             found = solve_pool_ilp(layout, load_WE, steps_W, K, kappa=kappa, switch_s=switch_s, warm=warm,
-                                   time_limit_s=time_limit_s, gap_rel=gap_rel)
+                                   time_limit_s=max(0.05, CBC_SHARE * left - 0.1), gap_rel=gap_rel)
         else:
             found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
-                                     time_limit_s=time_limit_s - (time.perf_counter() - started), gap_rel=gap_rel)
+                                     time_limit_s=left, gap_rel=gap_rel)
         if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
             result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
@@ -394,9 +401,13 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
         start = min(candidates, key=lambda p: planning_objective(Pool(layout=layout, placements=(p,)), sub, steps,
                                                                  kappa, switch_s))
         single = Pool(layout=layout, placements=(start,))
-        left = time_limit_s - (time.perf_counter() - started)
-        found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s, warm=(single, [0] * len(grp)),
-                               time_limit_s=max(0.1, left / (len(groups) - i)), gap_rel=gap_rel)
+        budget = (time_limit_s - (time.perf_counter() - started)) / (len(groups) - i)
+        # building, writing and reading back the model grows with its size: about 20 us per rank x expert x window
+        cbc_s = CBC_SHARE * budget - 0.1 - 2e-5 * layout.ranks * len(load_WE[0]) * len(grp)
+        found = None
+        if cbc_s >= 0.05:  # else no time to build and solve: keep the greedy member
+            found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s, warm=(single, [0] * len(grp)),
+                                   time_limit_s=cbc_s, gap_rel=gap_rel)
         all_optimal &= found is not None and found.status == "optimal"
         placements.append(found.pool.placements[0] if found is not None else start)
     pool = Pool(layout=layout, placements=tuple(placements))
