@@ -10,7 +10,7 @@
     python benchmarks/planner.py            # both, a few minutes on 2 cores
     python benchmarks/planner.py --only kernel | planner
 
-Writes benchmarks/results/planner.json and prints rich tables.
+Writes benchmarks/results/planner.json (planner-<part>.json with --only) and prints rich tables.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from moecc.costmodel.profile import builtin_profile, save_profile
 from moecc.costmodel.workload import zipf_probabilities, zipf_trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
-console = Console()
+console = Console(width=170)
 
 
 def bench_planner(args) -> list[dict]:
@@ -161,8 +161,9 @@ def main() -> None:
     if args.only in (None, "planner"):
         out["planner"] = bench_planner(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "planner.json").write_text(json.dumps(out, indent=2))
-    console.log(f"wrote {RESULTS / 'planner.json'}")
+    path = RESULTS / (f"planner-{args.only}.json" if args.only else "planner.json")
+    path.write_text(json.dumps(out, indent=2))
+    console.log(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class PoolPlan:
 
     ``objective_s`` is the planning model's expected seconds per step above the constant part; ``bound_s`` CBC's
     lower bound on it; ``gap`` their relative difference (0 when proven optimal). ``status`` is ``optimal``,
-    ``time_limit`` (incumbent returned) or ``greedy`` (the ILP had nothing better or failed; the greedy pool).
+    ``per_group_optimal`` (each member optimal for its windows), ``time_limit`` (incumbent returned),
+    ``heuristic`` (too large for CBC in the time limit: the multi-scenario greedy members) or ``greedy`` (the
+    ILP had nothing better or failed: the greedy pool).
     """
 
     pool: Pool
@@ -344,6 +346,7 @@ def align_pool(pool: Pool) -> Pool:
 # -- the planner ------------------------------------------------------------------------------------------------
 
 MONOLITHIC_MAX_BINARIES = 400
+CBC_TRIPLES_PER_S = 50_000
 CBC_SHARE = 0.75  # of the time left that goes to CBC's search; the rest covers building and file round trips
 
 
@@ -394,7 +397,7 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
     groups = [[w for w, k in enumerate(assignment) if k == j] for j in range(len(pool))]
     groups = [grp for grp in groups if grp]
     placements = []
-    all_optimal = True
+    all_optimal, solved = True, 0
     for i, grp in enumerate(groups):
         sub, steps = [load_WE[w] for w in grp], [steps_W[w] for w in grp]
         candidates = [pool.placements[assignment[grp[0]]], robust_greedy_placement(layout, sub)]
@@ -405,9 +408,12 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
         # building, writing and reading back the model grows with its size: about 20 us per rank x expert x window
         cbc_s = CBC_SHARE * budget - 0.1 - 2e-5 * layout.ranks * len(load_WE[0]) * len(grp)
         found = None
-        if cbc_s >= 0.05:  # else no time to build and solve: keep the greedy member
+        # CBC checks its clock only between phases: a root LP over more than ~50k (rank, expert, window) triples
+        # per second of budget overruns it by seconds, so such groups keep their greedy member.
+        if cbc_s >= 0.05 and layout.ranks * len(load_WE[0]) * len(grp) <= CBC_TRIPLES_PER_S * cbc_s:
             found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s, warm=(single, [0] * len(grp)),
                                    time_limit_s=cbc_s, gap_rel=gap_rel)
+            solved += 1
         all_optimal &= found is not None and found.status == "optimal"
         placements.append(found.pool.placements[0] if found is not None else start)
     pool = Pool(layout=layout, placements=tuple(placements))
@@ -415,7 +421,8 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
     objective, path = best_assignment(cost, steps_W, switch_s)
     bound = balance_bound(load_WE, steps_W, layout.ranks, kappa)
     return PoolPlan(pool=pool, assignment=tuple(path), objective_s=objective, bound_s=bound, gap=_gap(objective, bound),
-                    solve_s=time.perf_counter() - started, status="per_group_optimal" if all_optimal else "time_limit")
+                    solve_s=time.perf_counter() - started,
+                    status="per_group_optimal" if all_optimal else "time_limit" if solved else "heuristic")
 
 
 def check_memory(layout: SlotLayout, model: CostModel) -> None:
