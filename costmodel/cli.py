@@ -121,6 +121,8 @@ def _print_plan(result, model, args) -> None:
     summary.add_row("static EP (round robin)", f"{1e3 * result.static_step_s:.3f}", f"{result.static_step_s / pool_s:.2f}x")
     summary.add_row("greedy (LPT) pool", f"{1e3 * result.greedy_step_s:.3f}", f"{result.greedy_step_s / pool_s:.2f}x")
     summary.add_row("planned pool", f"{1e3 * pool_s:.3f}", "1.00x")
+    summary.add_row("planned pool, online choice", f"{1e3 * result.pool_online_step_s:.3f}",
+                    f"{result.pool_online_step_s / pool_s:.2f}x")
     console.print(summary)
     console.print(f"planner: {result.plan.status}, {result.plan.solve_s:.2f} s, optimality gap "
                   f"{100 * result.plan.gap:.1f}% (vs max of CBC bound and perfect balance); {result.switches} switches "

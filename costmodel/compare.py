@@ -1,7 +1,9 @@
 """A planned pool against the two baselines, in full-model seconds: what ``moecc plan`` and the benchmark print.
 
 Every number here comes from the compiled formulas (``formulas.CostModel``), not the planner's linear model:
-the per-slot GEMM table, the all-to-all by level and the real bytes of each switch.
+the per-slot GEMM table, the all-to-all by level and the real bytes of each switch. Expected step times assume
+the best member per window (what the planner optimises); the ``online`` ones let the runtime choose from the
+previous window's loads, as it must.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from .formulas import CostModel
 from .greedy import static_placement
 from .placement import Pool, SlotLayout
-from .planner import PoolPlan, greedy_pool, linear_terms, plan_pool, simulate_pool
+from .planner import PoolPlan, greedy_pool, linear_terms, plan_pool, simulate_online, simulate_pool
 from .workload import window_loads
 
 
@@ -21,6 +23,8 @@ class Comparison:
     static_step_s: float
     greedy_step_s: float
     pool_expected_step_s: float
+    pool_online_step_s: float  # the runtime choosing from the previous window's loads (causal)
+    greedy_online_step_s: float
     predicted_step_s: tuple[float | None, ...]  # per plan: mean over the windows it serves (None if none)
     step_s_WK: tuple[tuple[float, ...], ...]  # per window, per plan
     static_step_s_W: tuple[float, ...]
@@ -40,6 +44,8 @@ class Comparison:
             "pool_expected_step_s": self.pool_expected_step_s,
             "solve_s": self.plan.solve_s,
             "optimality_gap": self.plan.gap,
+            "pool_online_step_s": self.pool_online_step_s,
+            "greedy_online_step_s": self.greedy_online_step_s,
             "status": self.plan.status,
             "shares": [[[round(p.share_S[s], 6) for s in p.layout.slots_of(r)] for r in range(p.layout.ranks)]
                        for p in self.plan.pool.placements],
@@ -72,7 +78,11 @@ def compare(rows, layout: SlotLayout, K: int, model: CostModel, *, window: int, 
         per_plan.append(sum(t * s for t, s in served) / sum(s for _, s in served) if served else None)
     return Comparison(
         plan=plan, greedy=greedy, static_step_s=ev_static.expected_step_s, greedy_step_s=ev_greedy.expected_step_s,
-        pool_expected_step_s=ev.expected_step_s, predicted_step_s=tuple(per_plan), step_s_WK=ev.step_s_WK,
+        pool_expected_step_s=ev.expected_step_s,
+        pool_online_step_s=simulate_online(plan.pool, load_WE, steps_W, model, first=ev.assignment[0]).expected_step_s,
+        greedy_online_step_s=simulate_online(greedy, load_WE, steps_W, model,
+                                             first=ev_greedy.assignment[0]).expected_step_s,
+        predicted_step_s=tuple(per_plan), step_s_WK=ev.step_s_WK,
         static_step_s_W=tuple(r[0] for r in ev_static.step_s_WK),
         greedy_step_s_W=tuple(r[ev_greedy.assignment[w]] for w, r in enumerate(ev_greedy.step_s_WK)),
         assignment=ev.assignment, switches=ev.switches, switch_s_total=ev.switch_s_total, steps_W=tuple(steps_W))

@@ -27,6 +27,7 @@ limit; whatever it holds then (at worst the warm start) is returned with its gap
 from __future__ import annotations
 
 import os
+import random
 import re
 import tempfile
 import time
@@ -109,13 +110,16 @@ def linear_terms(model: CostModel, layout: SlotLayout, load_WE: list[list[float]
 
 # -- pools from the greedy: warm start, fallback, baseline ------------------------------------------------------
 
-def _kmeans_groups(load_WE: list[list[float]], K: int, iters: int = 20) -> list[int]:
-    """Group windows with similar load shapes (normalised loads, farthest-point start, Lloyd steps)."""
+def _kmeans_groups(load_WE: list[list[float]], K: int, iters: int = 20, seed: int | None = None) -> list[int]:
+    """Group windows with similar load shapes (normalised loads; farthest-point start, or random with ``seed``)."""
     shapes = [[x / (sum(row) or 1.0) for x in row] for row in load_WE]
     dist = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b))  # noqa: E731
-    centres = [shapes[0]]
-    while len(centres) < min(K, len(shapes)):
-        centres.append(max(shapes, key=lambda s: min(dist(s, c) for c in centres)))
+    if seed is None:
+        centres = [shapes[0]]
+        while len(centres) < min(K, len(shapes)):
+            centres.append(max(shapes, key=lambda s: min(dist(s, c) for c in centres)))
+    else:
+        centres = random.Random(seed).sample(shapes, min(K, len(shapes)))
     group = [0] * len(shapes)
     for _ in range(iters):
         group = [min(range(len(centres)), key=lambda k: dist(s, centres[k])) for s in shapes]
@@ -148,6 +152,44 @@ def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[in
         group = regroup
     cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
     return pool, best_assignment(cost, steps_W, switch_s)[1]
+
+
+def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int], kappa: float) -> tuple[Placement, ...]:
+    """Per group, the better of LPT on the group's mean load and the multi-scenario LPT on its windows."""
+    members = []
+    for k in sorted(set(group)):
+        windows = [w for w, g in enumerate(group) if g == k]
+        sub, steps = [load_WE[w] for w in windows], [steps_W[w] for w in windows]
+        candidates = (greedy_placement(layout, _mean_load(load_WE, steps_W, windows)), robust_greedy_placement(layout, sub))
+        members.append(min(candidates, key=lambda p: sum(rank_makespan(p, l) * s for l, s in zip(sub, steps))))
+    return tuple(members)
+
+
+def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, kappa: float,
+                   switch_s: float, *, baseline: tuple[Pool, list[int]], time_budget_s: float) -> tuple[Pool, list[int]]:
+    """The planner's warm start: the best pool over several groupings of the windows, never worse than ``baseline``.
+
+    Groupings tried: the baseline's, contiguous stretches of time (a drifting hot set), k-means from random starts.
+    Each group gets the better of its LPT and multi-scenario LPT member, then windows regroup by Viterbi once.
+    """
+    started = time.perf_counter()
+    W = len(load_WE)
+    groupings = [list(baseline[1]), [w * min(K, W) // W for w in range(W)]]
+    groupings += [_kmeans_groups(load_WE, K, seed=seed) for seed in range(4)]
+    best = (planning_objective(baseline[0], load_WE, steps_W, kappa, switch_s), baseline)
+    for group in groupings:
+        if time.perf_counter() - started > time_budget_s:
+            break
+        for _ in range(2):
+            pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group, kappa))
+            cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
+            objective, path = best_assignment(cost, steps_W, switch_s)
+            if objective < best[0]:
+                best = (objective, (pool, path))
+            if path == [sorted(set(group)).index(g) for g in group]:
+                break
+            group = path
+    return best[1]
 
 
 # -- the ILP ---------------------------------------------------------------------------------------------------
@@ -347,6 +389,7 @@ def align_pool(pool: Pool) -> Pool:
 
 MONOLITHIC_MAX_BINARIES = 400
 CBC_TRIPLES_PER_S = 50_000
+HEURISTIC_SHARE = 0.2  # of the time limit for trying groupings before the ILP
 CBC_SHARE = 0.75  # of the time left that goes to CBC's search; the rest covers building and file round trips
 
 
@@ -354,8 +397,9 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
               time_limit_s: float = 2.0, gap_rel: float = 1e-4, use_ilp: bool = True) -> PoolPlan:
     """Choose a pool of at most K placements for the scenarios (windows in time order, ``steps_W`` steps each).
 
+    First the greedy pool (the baseline) and ``heuristic_pool`` (better groupings and members) give a warm start.
     Small instances (``K * R * E <= MONOLITHIC_MAX_BINARIES``) solve the whole pool ILP: exact up to ``gap_rel``.
-    Larger ones fix the window-to-member grouping of the greedy pool, solve one single-placement ILP per group
+    Larger ones fix the window-to-member grouping of the warm start, solve one single-placement ILP per group
     (the same model with K = 1: no big-M, so CBC's bound is useful) within the time limit, then regroup windows by
     the best member (Viterbi). Either way the result is never worse than the greedy pool in the planning model,
     and ``gap`` is measured against CBC's bound or perfect balance, whichever is higher.
@@ -369,10 +413,15 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
     check_memory(layout, model)
     kappa, switch_s = linear_terms(model, layout, load_WE)
     warm = greedy_pool(layout, load_WE, steps_W, K, kappa, switch_s)
+    status = "greedy"
+    if use_ilp:
+        better = heuristic_pool(layout, load_WE, steps_W, K, kappa, switch_s, baseline=warm,
+                                time_budget_s=HEURISTIC_SHARE * time_limit_s)
+        status, warm = ("heuristic", better) if better is not warm else (status, warm)
     warm_obj = planning_objective(warm[0], load_WE, steps_W, kappa, switch_s)
     bound = balance_bound(load_WE, steps_W, R, kappa)
     result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=bound,
-                      gap=_gap(warm_obj, bound), solve_s=0.0, status="greedy")
+                      gap=_gap(warm_obj, bound), solve_s=0.0, status=status)
     if use_ilp:
         left = time_limit_s - (time.perf_counter() - started)
         if min(K, len(load_WE)) * R * E <= MONOLITHIC_MAX_BINARIES:
@@ -390,8 +439,8 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
 
 def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], warm: tuple[Pool, list[int]],
                      *, kappa: float, switch_s: float, time_limit_s: float, gap_rel: float) -> PoolPlan | None:
-    """One K = 1 ILP per group of windows of the warm pool, warm-started from the better of its greedy member
-    and the multi-scenario greedy; then windows move to their best member."""
+    """One K = 1 ILP per group of windows of the warm pool, warm-started from its member; then windows move to
+    their best member."""
     started = time.perf_counter()
     pool, assignment = warm
     groups = [[w for w, k in enumerate(assignment) if k == j] for j in range(len(pool))]
@@ -400,9 +449,7 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
     all_optimal, solved = True, 0
     for i, grp in enumerate(groups):
         sub, steps = [load_WE[w] for w in grp], [steps_W[w] for w in grp]
-        candidates = [pool.placements[assignment[grp[0]]], robust_greedy_placement(layout, sub)]
-        start = min(candidates, key=lambda p: planning_objective(Pool(layout=layout, placements=(p,)), sub, steps,
-                                                                 kappa, switch_s))
+        start = pool.placements[assignment[grp[0]]]
         single = Pool(layout=layout, placements=(start,))
         budget = (time_limit_s - (time.perf_counter() - started)) / (len(groups) - i)
         # building, writing and reading back the model grows with its size: about 20 us per rank x expert x window
@@ -460,8 +507,25 @@ class PoolEvaluation:
     switch_s_total: float
 
 
+def simulate_online(pool: Pool, load_WE: list[list[float]], steps_W: list[int], model: CostModel,
+                    first: int = 0) -> PoolEvaluation:
+    """Expected step seconds when the runtime decides from what it has seen: before window w it runs
+    ``choose_member`` on window w-1's loads (``first`` for window 0), then pays window w's actual step time."""
+    step = [[model.step_s(p, load_E) for p in pool.placements] for load_E in load_WE]
+    path, switch_total, total = [first], 0.0, step[0][first] * steps_W[0]
+    for w in range(1, len(load_WE)):
+        k = choose_member(pool, load_WE[w - 1], path[-1], model, steps_W[w])
+        switch_total += model.switch_s(pool.placements[path[-1]], pool.placements[k])
+        total += step[w][k] * steps_W[w]
+        path.append(k)
+    return PoolEvaluation(expected_step_s=(total + switch_total) / sum(steps_W), step_s_WK=tuple(tuple(r) for r in step),
+                          assignment=tuple(path), switches=sum(a != b for a, b in zip(path, path[1:])),
+                          switch_s_total=switch_total)
+
+
 def simulate_pool(pool: Pool, load_WE: list[list[float]], steps_W: list[int], model: CostModel) -> PoolEvaluation:
-    """Expected step seconds with the best member per window, switch costs (real bytes moved) included."""
+    """Expected step seconds with the best member per window (the planning model's assumption: the runtime knows
+    each window's loads), switch costs (real bytes moved) included. ``simulate_online`` is the causal version."""
     K = len(pool)
     step = [[model.step_s(p, load_E) for p in pool.placements] for load_E in load_WE]
     sw = [[model.switch_s(pool.placements[i], pool.placements[j]) for j in range(K)] for i in range(K)]

@@ -28,7 +28,7 @@ def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     moecc_options = {k[len("moecc."):]: options.pop(k) for k in list(options) if k.startswith("moecc.")}
     name = f"graph {next(_graph_ids)}"
     if moecc_options.get("rewrite", True):
-        gm, records = moe_pass(gm, example_inputs, graph_name=name)
+        gm, records = moe_pass(gm, example_inputs, graph_name=name, options=moecc_options)
         report.record_blocks(records)
     return compile_fx(gm, example_inputs, config_patches=options or None)
 

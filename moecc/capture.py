@@ -6,6 +6,9 @@ graph there (and skips the whole frame when the break is inside a loop). Both fl
 traces, so setting them around ``torch.compile(...)`` does nothing, and a backend's ``backend_ctx_ctor`` is not
 entered for compiled ``nn.Module``s. We therefore wrap Dynamo's frame converter once: a frame being compiled for
 a backend marked ``_moecc_capture`` is traced with both flags on; every other backend sees the flags untouched.
+
+The same wrapper registers, for the duration of that trace only, Dynamo substitutions for HF transformers' eager
+experts loops (``passes/hf_eager.py``): their loop over ``nonzero()`` graph-breaks even with the flags on.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ def install() -> None:
     @functools.wraps(original)
     def call(self, *args, **kwargs):
         if _wants_capture(self):
-            with dynamo.config.patch(**CAPTURE_FLAGS):
+            from moecc.passes import hf_eager
+
+            with dynamo.config.patch(**CAPTURE_FLAGS), hf_eager.substitutions():
                 return original(self, *args, **kwargs)
         return original(self, *args, **kwargs)
 

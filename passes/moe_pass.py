@@ -31,14 +31,23 @@ class BlockRecord:
     outcome: str  # "rewritten" or "fallback: <reason>"
     graph: str  # the Dynamo graph it was found in
     check_s: float = 0.0
+    layout: str = ""  # expert parallelism: the expert in each slot, per rank
+    send_rows: list[int] | None = None  # rows this rank sent to each rank on the example step
 
     @property
     def rewritten(self) -> bool:
         return self.outcome == "rewritten"
 
 
-def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "") -> tuple[fx.GraphModule, list[BlockRecord]]:
-    """Rewrite the MoE blocks of ``gm``; a block that fails detection, rewrite or validation stays as it was."""
+def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
+             options: dict | None = None) -> tuple[fx.GraphModule, list[BlockRecord]]:
+    """Rewrite the MoE blocks of ``gm``; a block that fails detection, rewrite or validation stays as it was.
+
+    ``options`` are the ``moecc.*`` compile options without their prefix (see ``backends.ep.resolve``).
+    """
+    from moecc.backends import ep as ep_mod
+
+    options = options or {}
     records = []
     current = gm
     example_inputs = concrete_inputs(example_inputs)
@@ -48,21 +57,52 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "") -> tuple[
         if block.error is not None:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {block.error}", graph=graph_name))
             continue
+        ep = ep_mod.resolve(options, block.spec.num_experts)
+        if ep is not None:
+            ep_mod.check_same_on_all_ranks(ep, block.spec.path)  # raises on every rank, before any all-to-all
         candidate = copy.deepcopy(current)
         # The copy has its own nodes: find this block again there (detection is deterministic).
         twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
+        send_rows = None
         try:
-            rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}")
-            reason = check_equivalent(current, candidate, example_inputs)
+            send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep)
+            reason = check_equivalent(current, candidate, example_inputs,
+                                      reduce_grads=ep_mod.sum_over_ranks(ep) if ep is not None else None)
         except (RewriteError, TemplateError) as exc:
             reason = str(exc)
         except Exception as exc:  # an unexpected failure must cost a fallback, never a wrong model
             reason = f"internal error: {type(exc).__name__}: {exc}"
+        if ep is not None:
+            reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
         if reason is None:
+            if ep is not None:
+                _register_layer(block, ep, gm, candidate, example_inputs, f"moecc_placement_{i}")
             current = candidate
-            records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed))
+            records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
+                                       layout=ep.describe() if ep else "", send_rows=send_rows))
         else:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {reason}", graph=graph_name,
                                        check_s=elapsed))
     return current, records
+
+
+def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, buffer_name):
+    """Tell the runtime which real parameters are this block's experts, and where its placement tensors are."""
+    from moecc import runtime
+
+    real = {n: v for n, v in zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs)}
+    expert_params: list[list] = [[] for _ in range(block.spec.num_experts)]
+    stacked = []
+    for ref in {id(r): r for r in block.template.weights.values()}.values():
+        if ref.stacked:
+            stacked.append(real[ref.nodes[0]])
+        else:
+            for e, node in enumerate(ref.nodes):
+                expert_params[e].append(real[node])
+    buffers = {name[len(buffer_name) + 1:]: buf for name, buf in rewritten.named_buffers()
+               if name.startswith(buffer_name)}
+    runtime.register(runtime.SlotLayer(path=block.spec.path, config=ep,
+                                       expert_params=expert_params if not stacked else [],
+                                       stacked_params=list({id(p): p for p in stacked}.values()),
+                                       placement_buffers=buffers))

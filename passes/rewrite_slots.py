@@ -81,31 +81,52 @@ def _record(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict[fx.Node, t
     return {n: rec.env[n] for n in wanted if n in rec.env}
 
 
-def emit_slot_moe(graph: fx.Graph, block: Block, env: dict[fx.Node, fx.Node], placement: fx.Node) -> fx.Node:
+def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str, fx.Node], ep=None) -> fx.Node:
     """Insert the slot-form computation; ``env`` maps x, indices, weights and expert weights to graph nodes.
 
+    ``placement`` holds the placement buffers' nodes: ``{"slot_of_expert": [E]}`` on one process, or
+    ``{"replica_slots": [E, Rmax], "replica_cum": [E, Rmax]}`` with ``ep`` (a ``backends.ep.EPConfig``).
     Returns out_TD (tokens flattened; the caller restores the original shape).
     """
+    from moecc.backends import ep as ep_ops
     from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
 
+    sort_by_slot = torch.ops.moecc.sort_by_slot.default
     num_experts, top_k = block.spec.num_experts, block.spec.router.top_k
-    x = env[block.x]
     width = fake(block.x).shape[-1]
-    x_TD = graph.call_method("reshape", (x, -1, width))
-    idx_TK = graph.call_method("reshape", (env[block.indices], -1, top_k))
+    x_TD = graph.call_method("reshape", (env[block.x], -1, width))
+    idx_N = graph.call_method("reshape", (env[block.indices], -1))
     w_TK = graph.call_method("reshape", (env["weights"], -1, top_k))
-    slot_TK = graph.call_function(operator.getitem, (placement, idx_TK))
-    slot_N = graph.call_method("reshape", (slot_TK, -1))
-    sorted_ = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_N, num_experts))
-    order_N = graph.call_function(operator.getitem, (sorted_, 0))
-    inverse_N = graph.call_function(operator.getitem, (sorted_, 1))
-    offsets_S = graph.call_function(operator.getitem, (sorted_, 2))
-    token_N = graph.call_function(operator.floordiv, (order_N, top_k))
-    x_sorted = graph.call_function(operator.getitem, (x_TD, token_N))
-    expert_of_row = graph.call_function(operator.getitem, (graph.call_method("reshape", (idx_TK, -1)), order_N))
-    y_sorted = emit_grouped(graph, block.template, env, x_sorted, offsets_S, expert_of_row)
-    y_TKD = graph.call_method("view", (graph.call_function(operator.getitem, (y_sorted, inverse_N)), -1, top_k,
-                                       graph.call_method("size", (y_sorted, -1))))
+
+    def get(node, i):
+        return graph.call_function(operator.getitem, (node, i))
+
+    if ep is None:
+        slot_N = get(placement["slot_of_expert"], idx_N)
+        num_slots = num_experts
+    else:
+        slot_N = graph.call_function(ep_ops.choose_slots, (idx_N, top_k, placement["replica_slots"],
+                                                           placement["replica_cum"]))
+        num_slots = ep.layout.num_slots
+    sorted_ = graph.call_function(sort_by_slot, (slot_N, num_slots))
+    order_N, inverse_N, offsets_S = get(sorted_, 0), get(sorted_, 1), get(sorted_, 2)
+    x_sorted = get(x_TD, graph.call_function(operator.floordiv, (order_N, top_k)))
+    expert_sorted = get(idx_N, order_N)
+    if ep is None:
+        y_sorted = emit_grouped(graph, block.template, env, x_sorted, offsets_S, expert_sorted)
+    else:
+        # Rows leave sorted by slot, hence by destination rank; they arrive grouped by source rank.
+        send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, ep.layout.slots_per_rank))
+        exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, expert_sorted, send_R, ep.group_name))
+        x_recv, expert_recv, recv_R = get(exchanged, 0), get(exchanged, 1), get(exchanged, 2)
+        local = graph.call_function(sort_by_slot, (expert_recv, num_experts))
+        local_order, local_inverse, local_offsets = get(local, 0), get(local, 1), get(local, 2)
+        y_local = emit_grouped(graph, block.template, env, get(x_recv, local_order), local_offsets,
+                               get(expert_recv, local_order))
+        rows = graph.call_method("size", (x_sorted, 0))
+        y_sorted = graph.call_function(ep_ops.return_rows, (get(y_local, local_inverse), send_R, recv_R,
+                                                            ep.group_name, rows))
+    y_TKD = graph.call_method("view", (get(y_sorted, inverse_N), -1, top_k, graph.call_method("size", (y_sorted, -1))))
     w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
     return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
 
@@ -119,7 +140,7 @@ def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, lis
     env["weights"] = env[weight_node]
     root = torch.nn.Module()
     root.register_buffer("placement", torch.arange(block.spec.num_experts))
-    out = emit_slot_moe(graph, block, env, graph.get_attr("placement"))
+    out = emit_slot_moe(graph, block, env, {"slot_of_expert": graph.get_attr("placement")})
     graph.output(out)
     return fx.GraphModule(root, graph), inputs
 
@@ -133,8 +154,9 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
 
 
-def find_routing(gm: fx.GraphModule, block: Block, inputs) -> tuple[fx.Node, fx.Node, int]:
-    """(routing weights node, routed output node, position it holds the output from), found numerically."""
+def find_routing(gm: fx.GraphModule, block: Block, inputs):
+    """(routing weights node, routed output node, position it holds the output from, the expert ids' value on
+    ``inputs``), found numerically."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
     x_numel = numel_key(fake(block.x))
     weights = _weight_candidates(block, node_index)
@@ -152,7 +174,7 @@ def find_routing(gm: fx.GraphModule, block: Block, inputs) -> tuple[fx.Node, fx.
             expected = probe(*[values[n] for n in probe_inputs])
         for out, pos in outputs:
             if out in values and _matches(values[out], expected):
-                return w, out, pos
+                return w, out, pos, values[block.indices]
     raise RewriteError("the slot-form computation does not reproduce any value of the block "
                        "(routing or combine semantics moecc does not model, e.g. capacity dropping)")
 
@@ -173,11 +195,14 @@ def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.
     return graph.call_method("to", (out, t_fake.dtype))
 
 
-def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str) -> None:
-    """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed)."""
+def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None) -> None:
+    """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed).
+
+    With ``ep`` (a ``backends.ep.EPConfig``) the experts run where the placement puts them, across ranks.
+    """
     if block.template is None:
         raise RewriteError(block.error or "no expert template")
-    weights, routed, pos = find_routing(gm, block, inputs)
+    weights, routed, pos, idx_value = find_routing(gm, block, inputs)
     graph = gm.graph
     nodes = list(graph.nodes)
     live_users = [u for u in routed.users if nodes.index(u) > pos]
@@ -185,13 +210,22 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str) ->
         raise RewriteError("the routed output is not used after the experts run")
     first_use = min(live_users, key=nodes.index)
 
-    gm.register_buffer(buffer_name, torch.arange(block.spec.num_experts, device=_device_of(inputs)))
+    device = _device_of(inputs)
+    if ep is None:
+        buffers = {"slot_of_expert": torch.arange(block.spec.num_experts, device=device)}
+    else:
+        from moecc.backends.ep import placement_tensors
+
+        slots, cum = placement_tensors(ep.placement, device)
+        buffers = {"replica_slots": slots, "replica_cum": cum}
+    for key, value in buffers.items():
+        gm.register_buffer(f"{buffer_name}_{key}", value)
     old_sources = block.template.sources
     with graph.inserting_before(first_use):
-        placement = graph.get_attr(buffer_name)
+        placement = {key: graph.get_attr(f"{buffer_name}_{key}") for key in buffers}
         env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
         env.update({block.x: block.x, block.indices: block.indices, "weights": weights})
-        out_TD = emit_slot_moe(graph, block, env, placement)
+        out_TD = emit_slot_moe(graph, block, env, placement, ep)
         kept = [block.x] + sorted(ancestors([block.x]), key=nodes.index, reverse=True)
         out = _view_like(graph, out_TD, routed, kept)
     for u in live_users:
@@ -199,6 +233,18 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str) ->
     _erase_old_dispatch(graph, block, old_sources, set(nodes[: pos + 1]))
     graph.lint()
     gm.recompile()
+    return _send_rows(idx_value, block, buffers, ep)
+
+
+def _send_rows(idx_value: torch.Tensor, block: Block, buffers: dict, ep) -> list[int] | None:
+    """Rows this rank sends to each rank for the example step (the report's all-to-all volume)."""
+    if ep is None:
+        return None
+    from moecc.backends.ep import choose_slots
+
+    slots = choose_slots(idx_value.reshape(-1), block.spec.router.top_k, buffers["replica_slots"],
+                         buffers["replica_cum"])
+    return torch.bincount(slots // ep.layout.slots_per_rank, minlength=ep.layout.ranks).tolist()
 
 
 def _device_of(inputs) -> torch.device:

@@ -55,12 +55,17 @@ def _run(gm: fx.GraphModule, inputs, with_grads: bool, cotangent_seed: int):
         if wrt and diff:
             gen = torch.Generator().manual_seed(cotangent_seed)
             loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in diff)
-            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True))
     return outs, grads
 
 
-def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, seed: int = 0) -> str | None:
-    """None if the graphs agree on outputs (and gradients when anything requires grad), else the reason."""
+def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, seed: int = 0,
+                     reduce_grads=None) -> str | None:
+    """None if the graphs agree on outputs (and gradients when anything requires grad), else the reason.
+
+    ``reduce_grads`` (expert parallelism) sums each gradient over the ranks before comparing: a rank hosting an
+    expert holds the gradient from every rank's tokens, while the original graph holds only its own tokens'.
+    """
     with_grads = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     for trial, randomize in enumerate((False, True)):
@@ -69,6 +74,9 @@ def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, exampl
         with torch.enable_grad() if with_grads else torch.no_grad():
             ref_out, ref_grads = _run(original, _copy_inputs(base, False, gen), with_grads, seed)
             new_out, new_grads = _run(rewritten, _copy_inputs(base, False, gen), with_grads, seed)
+        if reduce_grads is not None:
+            ref_grads = [reduce_grads(g) for g in ref_grads]
+            new_grads = [reduce_grads(g) for g in new_grads]
         what = "real inputs" if not randomize else "random inputs"
         if len(ref_out) != len(new_out):
             return f"output count differs on {what}"

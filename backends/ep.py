@@ -1,0 +1,225 @@
+"""Expert parallelism: slots sharded across ranks, rows moved with functional all-to-all inside the graph.
+
+Every rank keeps the user's whole model (the module is never changed); a rank *hosts* the experts placed in its
+slots and computes only rows routed there. Per block and step:
+
+    rank of each routed row  = slot // slots_per_rank, slot chosen from the placement tensors (replicas by share)
+    counts exchange          : all_to_all_single(send_counts_R) -> recv_counts_R (split sizes for the rows)
+    rows exchange            : all_to_all_single_autograd(x_sorted, recv, send) with each row's expert id
+    local experts            : the received rows grouped by expert id, one grouped GEMM per expert weight
+    rows back                : all_to_all_single_autograd(y, send, recv), then the usual weighted combine
+
+The exchanges are two small custom ops over ``torch.distributed.all_to_all_single`` (gloo and NCCL alike), with
+fakes and a backward, so Dynamo, AOTAutograd and Inductor see them as single nodes. The placement lives in two buffers, so switching placements
+within a pool changes data, never the graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moecc.costmodel.greedy import static_placement
+from moecc.costmodel.placement import EMPTY, Placement, SlotLayout
+
+GOLDEN = 0.6180339887498949  # spreads consecutive tokens evenly over [0, 1) to pick replicas by share
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EPConfig:
+    """Where a block's slots live: the process group and the placement (its layout included)."""
+
+    group_name: str
+    rank: int
+    placement: Placement
+
+    @property
+    def layout(self) -> SlotLayout:
+        return self.placement.layout
+
+    def describe(self) -> str:
+        per_rank = self.placement.experts_per_rank()
+        return "; ".join(f"rank {r}: {row}" for r, row in enumerate(per_rank))
+
+
+def default_placement(num_experts: int, ranks: int, slots_per_rank: int | None = None) -> Placement:
+    """Round-robin expert parallelism (expert e on rank e % R), what every framework does."""
+    layout = SlotLayout(ranks=ranks, slots_per_rank=slots_per_rank or math.ceil(num_experts / ranks))
+    return static_placement(layout, num_experts)
+
+
+def placement_tensors(placement: Placement, device=None) -> tuple[Tensor, Tensor]:
+    """(replica slots [E, Rmax], cumulative replica shares [E, Rmax]) for :func:`choose_slots`."""
+    per_expert: list[list[tuple[int, float]]] = [[] for _ in range(placement.num_experts)]
+    for s, (e, share) in enumerate(zip(placement.expert_S, placement.share_S)):
+        if e != EMPTY:
+            per_expert[e].append((s, share))
+    width = max(len(r) for r in per_expert)
+    slots = torch.zeros(placement.num_experts, width, dtype=torch.int64)
+    cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
+    for e, reps in enumerate(per_expert):
+        total = 0.0
+        for j, (s, share) in enumerate(reps):
+            total += share
+            slots[e, j] = s
+            cum[e, j] = total
+        slots[e, len(reps):] = reps[-1][0]
+        cum[e, len(reps) - 1:] = 2.0  # the last replica takes whatever rounding leaves
+    return slots.to(device), cum.to(device)
+
+
+def choose_slots(idx_N: Tensor, top_k: int, replica_slots: Tensor, replica_cum: Tensor) -> Tensor:
+    """The slot each routed row goes to: its expert's replica picked by share, from the token's position."""
+    token_N = torch.arange(idx_N.numel(), device=idx_N.device) // top_k
+    u_N = torch.frac(token_N.to(torch.float64) * GOLDEN)
+    j_N = (u_N.unsqueeze(-1) >= replica_cum[idx_N]).sum(-1).clamp(max=replica_slots.shape[1] - 1)
+    return replica_slots[idx_N, j_N]
+
+
+@torch.library.custom_op("moecc::all_to_all_rows", mutates_args=())
+def all_to_all_rows(x: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, group_name: str,
+                    out_rows: int) -> Tensor:
+    """Rows to ranks (``send_counts_R[r]`` rows to rank r) and from them; ``out_rows < 0``: as many as arrive.
+
+    A custom op rather than a traced functional collective: its output's row count is one fresh unbacked size,
+    which Inductor binds from the tensor in the backward (``sum(counts.tolist())`` was an expression over several
+    unbacked symbols that the compiled backward could not bind).
+    """
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    recv = recv_counts_R.tolist()
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send_counts_R.tolist(), group=group)
+    return out
+
+
+@all_to_all_rows.register_fake
+def _(x, send_counts_R, recv_counts_R, group_name, out_rows):
+    rows = out_rows if out_rows >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((rows, *x.shape[1:]))
+
+
+def _a2a_setup(ctx, inputs, output):
+    x, send, recv, group_name, _ = inputs
+    ctx.save_for_backward(send, recv)
+    ctx.group_name, ctx.rows = group_name, x.shape[0]
+
+
+def _a2a_backward(ctx, grad):
+    send, recv = ctx.saved_tensors
+    return all_to_all_rows(grad.contiguous(), recv, send, ctx.group_name, ctx.rows), None, None, None, None
+
+
+all_to_all_rows.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
+
+@torch.library.custom_op("moecc::all_to_all_counts", mutates_args=())
+def all_to_all_counts(send_counts_R: Tensor, group_name: str) -> Tensor:
+    """How many rows each rank will send me, from how many I send each."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    recv = torch.empty_like(send_counts_R)
+    dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
+    return recv
+
+
+@all_to_all_counts.register_fake
+def _(send_counts_R, group_name):
+    return torch.empty_like(send_counts_R)
+
+
+def exchange_rows(x_ND: Tensor, expert_N: Tensor, send_counts_R: Tensor, group_name: str):
+    """Send each rank its rows (rows sorted by destination); returns (rows, their expert ids, recv counts)."""
+    recv_counts_R = torch.ops.moecc.all_to_all_counts(send_counts_R, group_name)
+    x_recv = torch.ops.moecc.all_to_all_rows(x_ND, send_counts_R, recv_counts_R, group_name, -1)
+    expert_recv = torch.ops.moecc.all_to_all_rows(expert_N, send_counts_R, recv_counts_R, group_name, -1)
+    torch._check(expert_recv.shape[0] == x_recv.shape[0])
+    return x_recv, expert_recv, recv_counts_R
+
+
+def return_rows(y_MD: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, group_name: str, rows: int) -> Tensor:
+    """The inverse of :func:`exchange_rows` for the expert outputs (differentiable)."""
+    return torch.ops.moecc.all_to_all_rows(y_MD, recv_counts_R, send_counts_R, group_name, rows)
+
+
+def rank_counts(offsets_S: Tensor, slots_per_rank: int) -> Tensor:
+    """Rows per destination rank from per-slot end offsets."""
+    counts_S = torch.diff(offsets_S.to(torch.int64), prepend=offsets_S.new_zeros(1, dtype=torch.int64))
+    return counts_S.view(-1, slots_per_rank).sum(1)
+
+
+def resolve(options: dict, num_experts: int) -> EPConfig | None:
+    """The EP config for a compile: None on one process; otherwise from ``moecc.*`` options or the defaults.
+
+    Options: ``ep`` (bool, default on when a process group with several ranks exists), ``group`` (a process group),
+    ``slots_per_rank`` (int), ``placement`` (a costmodel ``Placement`` or a list per rank of expert ids).
+    """
+    if not dist.is_available() or not dist.is_initialized() or not options.get("ep", True):
+        return None
+    group = options.get("group") or dist.group.WORLD
+    ranks = dist.get_world_size(group)
+    if ranks == 1:
+        return None
+    placement = options.get("placement")
+    if placement is None:
+        placement = default_placement(num_experts, ranks, options.get("slots_per_rank"))
+    elif not isinstance(placement, Placement):
+        placement = placement_from_lists(placement, num_experts)
+    if placement.layout.ranks != ranks:
+        raise ValueError(f"moecc: the placement is for {placement.layout.ranks} ranks but the group has {ranks}; "
+                         "pass options={'moecc.placement': ...} laid out for this world size")
+    if placement.num_experts != num_experts:
+        raise ValueError(f"moecc: the placement has {placement.num_experts} experts, the block {num_experts}")
+    return EPConfig(group_name=group.group_name, rank=dist.get_rank(group), placement=placement)
+
+
+def placement_from_lists(per_rank: list[list[int]], num_experts: int) -> Placement:
+    """A placement from the expert in each slot, per rank; replicas split their expert's tokens evenly."""
+    layout = SlotLayout(ranks=len(per_rank), slots_per_rank=max(len(r) for r in per_rank))
+    counts = [0] * num_experts
+    for row in per_rank:
+        for e in row:
+            if e != EMPTY:
+                counts[e] += 1
+    expert_S, share_S = [], []
+    for row in per_rank:
+        row = list(row) + [EMPTY] * (layout.slots_per_rank - len(row))
+        expert_S += row
+        share_S += [0.0 if e == EMPTY else 1.0 / counts[e] for e in row]
+    return Placement(layout=layout, num_experts=num_experts, expert_S=tuple(expert_S), share_S=tuple(share_S))
+
+
+def check_same_on_all_ranks(config: EPConfig, block_path: str) -> None:
+    """Refuse, on every rank and before any all-to-all, a layout that differs between ranks (it would hang)."""
+    group = dist.distributed_c10d._resolve_process_group(config.group_name)
+    mine = (block_path, config.layout.ranks, config.layout.slots_per_rank, config.placement.expert_S,
+            tuple(round(s, 6) for s in config.placement.share_S))
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for r, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise ValueError(f"moecc: expert layout differs between ranks for block {block_path!r}: "
+                             f"rank {config.rank} has {mine[1:]}, rank {r} has {theirs[1:]}; "
+                             "every rank must compile the same model with the same moecc options")
+
+
+def agree_on_outcome(config: EPConfig, reason: str | None) -> str | None:
+    """Every rank keeps the rewrite only if every rank's check passed; the first failing rank's reason wins."""
+    group = dist.distributed_c10d._resolve_process_group(config.group_name)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, reason, group=group)
+    failed = [(r, why) for r, why in enumerate(everyone) if why is not None]
+    return None if not failed else f"rank {failed[0][0]}: {failed[0][1]}"
+
+
+def sum_over_ranks(config: EPConfig):
+    """A function summing a tensor over the config's group (eager; used by the rewrite's gradient check)."""
+    group = dist.distributed_c10d._resolve_process_group(config.group_name)
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce

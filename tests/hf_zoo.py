@@ -1,0 +1,124 @@
+"""Hugging Face transformers 5.x MoE families, built from their config classes (no downloads), tiny or bench size.
+
+``build(family, impl, size)`` returns ``(model, make_input)``: a module whose forward takes one tensor of token ids
+and returns a tensor (logits), and a function giving a fresh batch of token ids. ``impl`` is the experts
+implementation ("eager" or "grouped_mm"); Switch Transformers has only its own eager loop, so it takes "eager".
+Sizes: "tiny" for tests (hidden 16, ffn 32, 4 experts, top-2, 2 layers), "bench" for benchmarks/hf_families.py
+(hidden 512, ffn 1024, 8 experts, top-2, 2 layers). Dropout and router jitter are off so training is
+deterministic and comparable with eager.
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "switch")
+IMPLS = {family: ("eager", "grouped_mm") for family in FAMILIES} | {"switch": ("eager",)}
+SIZES = {
+    "tiny": dict(hidden=16, ffn=32, experts=4, top_k=2, layers=2, heads=2, vocab=64, batch=2, seq=6),
+    "bench": dict(hidden=512, ffn=1024, experts=8, top_k=2, layers=2, heads=8, vocab=1024, batch=4, seq=512),
+}
+
+
+class Logits(torch.nn.Module):
+    """``model(tokens).logits`` as a module: one tensor in, one tensor out (decoder-only families)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(tokens, use_cache=False).logits
+
+
+class Seq2SeqLogits(torch.nn.Module):
+    """Encoder-decoder logits with the decoder fed the same tokens (Switch Transformers)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens, decoder_input_ids=tokens, use_cache=False).logits
+
+
+def _config(family: str, s: dict):
+    import transformers as T
+
+    h, f, e, k, n, heads, v = s["hidden"], s["ffn"], s["experts"], s["top_k"], s["layers"], s["heads"], s["vocab"]
+    common = dict(vocab_size=v, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+                  num_key_value_heads=heads, max_position_embeddings=2 * s["seq"] + 64)
+    if family == "mixtral":
+        return T.MixtralConfig(**common, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k)
+    if family == "qwen2_moe":  # shared expert behind its own sigmoid gate
+        return T.Qwen2MoeConfig(**common, intermediate_size=f, moe_intermediate_size=f,
+                                shared_expert_intermediate_size=f, num_experts=e, num_experts_per_tok=k,
+                                norm_topk_prob=False)
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**common, intermediate_size=f, moe_intermediate_size=f, num_experts=e,
+                                num_experts_per_tok=k, norm_topk_prob=True, head_dim=h // heads)
+    if family == "olmoe":  # no renormalisation
+        return T.OlmoeConfig(**common, intermediate_size=f, num_experts=e, num_experts_per_tok=k,
+                             norm_topk_prob=False, eos_token_id=v - 1, pad_token_id=0)
+    if family in ("deepseek_v2", "deepseek_v3"):
+        mla = dict(kv_lora_rank=h // 2, q_lora_rank=h // 2, qk_rope_head_dim=h // heads // 2,
+                   qk_nope_head_dim=h // heads // 2, v_head_dim=h // heads, head_dim=h // heads // 2)
+        moe = dict(intermediate_size=f, moe_intermediate_size=f, n_routed_experts=e, num_experts_per_tok=k,
+                   n_shared_experts=1, first_k_dense_replace=0, n_group=2, topk_group=1,
+                   routed_scaling_factor=2.5)
+        if family == "deepseek_v2":  # softmax scores, group-limited greedy (group max), scaled, no renorm
+            return T.DeepseekV2Config(**common, **mla, **moe, topk_method="group_limited_greedy")
+        # sigmoid scores + correction bias for selection, group-limited (top-2 sum), renorm, scaled
+        return T.DeepseekV3Config(**common, **mla, **moe, norm_topk_prob=True)
+    if family == "gpt_oss":
+        return T.GptOssConfig(**common, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k,
+                              head_dim=h // heads, layer_types=["full_attention"] * n, sliding_window=128,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "switch":
+        return T.SwitchTransformersConfig(vocab_size=v, d_model=h, d_kv=h // heads, d_ff=f, num_heads=heads,
+                                          num_layers=n, num_decoder_layers=n, num_sparse_encoder_layers=n,
+                                          num_sparse_decoder_layers=n, num_experts=e,
+                                          expert_capacity=max(1, (s["batch"] * s["seq"]) // e // 2 + 1),
+                                          router_jitter_noise=0.0, dropout_rate=0.0, decoder_start_token_id=0)
+    raise KeyError(family)
+
+
+def build(family: str, impl: str = "eager", size: str = "tiny", seed: int = 0):
+    """(module returning logits from token ids, function returning a batch of token ids)."""
+    import transformers as T
+
+    if impl not in IMPLS[family]:
+        raise ValueError(f"{family} has no experts implementation {impl!r}")
+    s = SIZES[size]
+    config = _config(family, s)
+    config._attn_implementation = "eager"  # GPT-OSS and Switch need it; the same for all keeps rows comparable
+    if family != "switch":
+        config._experts_implementation = impl
+    torch.manual_seed(seed)
+    if family == "switch":
+        model = Seq2SeqLogits(T.SwitchTransformersForConditionalGeneration(config))
+    else:
+        model = Logits(T.AutoModelForCausalLM.from_config(config))
+    _spread_router_biases(model)
+    model.train(False)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def make_input():
+        return torch.randint(1, s["vocab"], (s["batch"], s["seq"]), generator=gen)
+
+    return model, make_input
+
+
+def _spread_router_biases(model: torch.nn.Module) -> None:
+    """Give zero-initialised router parameters (GPT-OSS router, DeepSeek-V3 correction bias) distinct values.
+
+    HF initialises them to zeros; zeros would hide a rewrite that ignores them (a selection bias that is not
+    applied gives the same experts when it is all zeros).
+    """
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("e_score_correction_bias", "router.weight", "router.bias")) \
+                    or (name.endswith("gate.weight") and "deepseek" in type(model.model).__name__.lower()):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+            elif name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
