@@ -165,12 +165,53 @@ def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int], kappa: 
     return tuple(members)
 
 
+def polish_shares(placement: Placement, load_WE: list[list[float]], steps_W: list[int]) -> Placement:
+    """The best shares for a placement's choice of experts per rank: an LP over the held (rank, expert) pairs.
+
+    Exact for that choice (the ILP with its binaries fixed), and small: one variable per occupied slot. The
+    LPT heuristics split an expert evenly over its replicas; this is where that split becomes the right one.
+    """
+    layout, E = placement.layout, placement.num_experts
+    held = sorted({(layout.rank_of(s), e) for s, e in enumerate(placement.expert_S) if e != EMPTY})
+    if all(c == 1 for c in placement.replicas()):
+        return placement  # one replica each: every share is 1 already
+    W = len(load_WE)
+    scale = sum(sum(row) for row in load_WE) / W / layout.ranks or 1.0
+    p = [s / sum(steps_W) for s in steps_W]
+    prob = pulp.LpProblem("moecc_shares", pulp.LpMinimize)
+    g = {(r, e): pulp.LpVariable(f"g_{r}_{e}", 0, 1) for r, e in held}
+    T = [pulp.LpVariable(f"T_{w}", 0) for w in range(W)]
+    prob += pulp.LpAffineExpression([(T[w], p[w]) for w in range(W)])
+    for e in range(E):
+        prob += pulp.LpAffineExpression([(g[r, x], 1) for r, x in held if x == e]) == 1
+    for r in range(layout.ranks):
+        mine = [x for q, x in held if q == r]
+        for w in range(W):
+            prob += pulp.LpAffineExpression([(g[r, x], -load_WE[w][x] / scale) for x in mine] + [(T[w], 1)]) >= 0
+    prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
+    if prob.sol_status != pulp.LpSolutionOptimal:
+        return placement
+    ranks = [[(x, g[r, x].value() or 0.0) for q, x in held if q == r] for r in range(layout.ranks)]
+    ranks = [[(x, f) for x, f in items if f > 1e-9] for items in ranks]
+    return _normalised(layout, E, ranks)
+
+
+def polish_pool(pool: Pool, assignment: list[int], load_WE: list[list[float]], steps_W: list[int]) -> Pool:
+    """``polish_shares`` for each member over the windows it serves."""
+    members = []
+    for k, p in enumerate(pool.placements):
+        windows = [w for w, a in enumerate(assignment) if a == k]
+        members.append(polish_shares(p, [load_WE[w] for w in windows], [steps_W[w] for w in windows]) if windows else p)
+    return Pool(layout=pool.layout, placements=tuple(members))
+
+
 def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, kappa: float,
                    switch_s: float, *, baseline: tuple[Pool, list[int]], time_budget_s: float) -> tuple[Pool, list[int]]:
     """The planner's warm start: the best pool over several groupings of the windows, never worse than ``baseline``.
 
     Groupings tried: the baseline's, contiguous stretches of time (a drifting hot set), k-means from random starts.
-    Each group gets the better of its LPT and multi-scenario LPT member, then windows regroup by Viterbi once.
+    Each group gets the better of its LPT and multi-scenario LPT member, then windows regroup by Viterbi once; the
+    winner's shares are then polished by LP (``polish_shares``).
     """
     started = time.perf_counter()
     W = len(load_WE)
@@ -178,9 +219,9 @@ def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
     groupings += [_kmeans_groups(load_WE, K, seed=seed) for seed in range(4)]
     best = (planning_objective(baseline[0], load_WE, steps_W, kappa, switch_s), baseline)
     for group in groupings:
-        if time.perf_counter() - started > time_budget_s:
-            break
         for _ in range(2):
+            if time.perf_counter() - started > time_budget_s:
+                return best[1]
             pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group, kappa))
             cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
             objective, path = best_assignment(cost, steps_W, switch_s)
@@ -189,7 +230,12 @@ def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
             if path == [sorted(set(group)).index(g) for g in group]:
                 break
             group = path
-    return best[1]
+    if best[1] is baseline:
+        return baseline
+    pool, path = best[1]
+    polished = polish_pool(pool, path, load_WE, steps_W)
+    cost = [[kappa * rank_makespan(p, load_E) for p in polished.placements] for load_E in load_WE]
+    return polished, best_assignment(cost, steps_W, switch_s)[1]
 
 
 # -- the ILP ---------------------------------------------------------------------------------------------------
@@ -388,8 +434,8 @@ def align_pool(pool: Pool) -> Pool:
 # -- the planner ------------------------------------------------------------------------------------------------
 
 MONOLITHIC_MAX_BINARIES = 400
-CBC_TRIPLES_PER_S = 50_000
-HEURISTIC_SHARE = 0.2  # of the time limit for trying groupings before the ILP
+CBC_TRIPLES_PER_S = 8_000
+HEURISTIC_SHARE = 0.15  # of the time limit for trying groupings before the ILP
 CBC_SHARE = 0.75  # of the time left that goes to CBC's search; the rest covers building and file round trips
 
 
@@ -430,7 +476,7 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
                                    time_limit_s=max(0.05, CBC_SHARE * left - 0.1), gap_rel=gap_rel)
         else:
             found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
-                                     time_limit_s=left, gap_rel=gap_rel)
+                                     time_limit_s=0.95 * left, gap_rel=gap_rel)
         if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
             result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
@@ -447,19 +493,27 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
     groups = [grp for grp in groups if grp]
     placements = []
     all_optimal, solved = True, 0
+    # Beyond CBC's own limit each solve spends time building, writing and reading the model and in CBC phases
+    # that do not look at the clock (about 20 us per rank x expert x window, and more on a busy machine); start
+    # from that guess and learn it from each solve.
+    overhead_per_triple, overhead_fixed = 2e-5, 0.1
     for i, grp in enumerate(groups):
         sub, steps = [load_WE[w] for w in grp], [steps_W[w] for w in grp]
         start = pool.placements[assignment[grp[0]]]
-        single = Pool(layout=layout, placements=(start,))
+        triples = layout.ranks * len(load_WE[0]) * len(grp)
         budget = (time_limit_s - (time.perf_counter() - started)) / (len(groups) - i)
-        # building, writing and reading back the model grows with its size: about 20 us per rank x expert x window
-        cbc_s = CBC_SHARE * budget - 0.1 - 2e-5 * layout.ranks * len(load_WE[0]) * len(grp)
+        cbc_s = budget - overhead_fixed - overhead_per_triple * triples
         found = None
-        # CBC checks its clock only between phases: a root LP over more than ~50k (rank, expert, window) triples
-        # per second of budget overruns it by seconds, so such groups keep their greedy member.
-        if cbc_s >= 0.05 and layout.ranks * len(load_WE[0]) * len(grp) <= CBC_TRIPLES_PER_S * cbc_s:
-            found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s, warm=(single, [0] * len(grp)),
+        # CBC does not look at its clock while solving the root LP or improving the warm start: measured here,
+        # 3k (rank, expert, window) triples take 0.3-0.6 s before the limit can bite, 16k take 3-9 s. Groups
+        # larger than the budget allows keep their warm-start member.
+        if cbc_s >= 0.05 and triples <= CBC_TRIPLES_PER_S * cbc_s:
+            t0 = time.perf_counter()
+            found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s,
+                                   warm=(Pool(layout=layout, placements=(start,)), [0] * len(grp)),
                                    time_limit_s=cbc_s, gap_rel=gap_rel)
+            overrun = time.perf_counter() - t0 - cbc_s
+            overhead_per_triple = max(overhead_per_triple, (overrun - overhead_fixed) / triples)
             solved += 1
         all_optimal &= found is not None and found.status == "optimal"
         placements.append(found.pool.placements[0] if found is not None else start)

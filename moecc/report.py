@@ -33,13 +33,19 @@ class Report:
 
     def table(self) -> Table:
         table = Table(title="moecc: MoE blocks")
-        for col in ("graph", "block", "form", "spec", "weights", "outcome"):
+        parallel = any(getattr(b, "layout", "") for b in self.blocks)
+        columns = ["graph", "block", "form", "spec", "weights", "outcome"]
+        columns += ["experts per rank (slots)", "rows sent per rank"] if parallel else []
+        for col in columns:
             table.add_column(col, overflow="fold")
         for b in self.blocks:
             s = b.spec
             weights = "; ".join(s.experts.layouts) if s.experts else ""
             style = "green" if b.rewritten else "yellow"
-            table.add_row(b.graph, s.path or "<root>", s.form, s.summary(), weights, f"[{style}]{b.outcome}[/]")
+            row = [b.graph, s.path or "<root>", s.form, s.summary(), weights, f"[{style}]{b.outcome}[/]"]
+            if parallel:
+                row += [getattr(b, "layout", ""), str(getattr(b, "send_rows", None) or "")]
+            table.add_row(*row)
         return table
 
     def __rich__(self):
