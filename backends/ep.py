@@ -51,13 +51,17 @@ def default_placement(num_experts: int, ranks: int, slots_per_rank: int | None =
     return static_placement(layout, num_experts)
 
 
-def placement_tensors(placement: Placement, device=None) -> tuple[Tensor, Tensor]:
-    """(replica slots [E, Rmax], cumulative replica shares [E, Rmax]) for :func:`choose_slots`."""
+def placement_tensors(placement: Placement, device=None, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """(replica slots [E, W], cumulative replica shares [E, W]) for :func:`choose_slots`.
+
+    W defaults to the number of ranks, the most replicas an expert can have, so every placement of a layout fits
+    the same buffers and a switch rewrites them in place.
+    """
     per_expert: list[list[tuple[int, float]]] = [[] for _ in range(placement.num_experts)]
     for s, (e, share) in enumerate(zip(placement.expert_S, placement.share_S)):
         if e != EMPTY:
             per_expert[e].append((s, share))
-    width = max(len(r) for r in per_expert)
+    width = width or placement.layout.ranks
     slots = torch.zeros(placement.num_experts, width, dtype=torch.int64)
     cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
     for e, reps in enumerate(per_expert):

@@ -38,7 +38,9 @@ def add_commands(subparsers) -> None:
     plan.add_argument("--slots-per-rank", type=int, required=True)
     plan.add_argument("--pool", type=int, default=4, help="K, placements in the pool")
     plan.add_argument("--layer", default=None, help="trace layer to plan (default: the first)")
-    plan.add_argument("--window", type=int, default=50, help="steps between the runtime's pool decisions")
+    plan.add_argument("--window", type=int, default=50, help="steps per planning scenario (window of the trace)")
+    plan.add_argument("--check-every", type=int, default=10,
+                      help="steps between the runtime's decisions in the online estimate")
     plan.add_argument("--d-model", type=int, default=2048)
     plan.add_argument("--d-ffn", type=int, default=1408)
     plan.add_argument("--act-bytes", type=int, default=2)
@@ -69,7 +71,7 @@ def run_plan(args) -> int:
                           training=not args.inference)
         model = compile_cost_model(profile, dims, args.ranks)
         result = compare(rows, layout, args.pool, model, window=args.window, time_limit_s=args.time_limit,
-                         use_ilp=not args.greedy_only)
+                         use_ilp=not args.greedy_only, check_every=args.check_every)
     except (ProfileError, TraceError, InfeasibleError, KeyError, ValueError) as err:
         return _fail(str(err).strip('"'))
     if args.json:

@@ -23,7 +23,7 @@ class Comparison:
     static_step_s: float
     greedy_step_s: float
     pool_expected_step_s: float
-    pool_online_step_s: float  # the runtime choosing from the previous window's loads (causal)
+    pool_online_step_s: float  # the runtime re-choosing every few steps from the loads just seen (causal)
     greedy_online_step_s: float
     predicted_step_s: tuple[float | None, ...]  # per plan: mean over the windows it serves (None if none)
     step_s_WK: tuple[tuple[float, ...], ...]  # per window, per plan
@@ -60,8 +60,12 @@ class Comparison:
 
 
 def compare(rows, layout: SlotLayout, K: int, model: CostModel, *, window: int, time_limit_s: float = 2.0,
-            use_ilp: bool = True) -> Comparison:
-    """Plan a pool for a layer's trace rows and evaluate it, static EP and the greedy pool on the same windows."""
+            use_ilp: bool = True, check_every: int = 10) -> Comparison:
+    """Plan a pool for a layer's trace rows and evaluate it, static EP and the greedy pool on the same windows.
+
+    The online numbers let the runtime re-choose every ``check_every`` steps from the previous ``check_every``
+    steps' mean loads (``simulate_online`` over those shorter windows).
+    """
     load_WE = window_loads(rows, window)
     steps_W = [len(rows[i:i + window]) for i in range(0, len(rows), window)]
     E = len(load_WE[0])
@@ -72,6 +76,8 @@ def compare(rows, layout: SlotLayout, K: int, model: CostModel, *, window: int, 
     ev = simulate_pool(plan.pool, load_WE, steps_W, model)
     ev_static = simulate_pool(static, load_WE, steps_W, model)
     ev_greedy = simulate_pool(greedy, load_WE, steps_W, model)
+    fine_WE = window_loads(rows, check_every)
+    fine_W = [len(rows[i:i + check_every]) for i in range(0, len(rows), check_every)]
     per_plan = []
     for k in range(len(plan.pool)):
         served = [(ev.step_s_WK[w][k], steps_W[w]) for w in range(len(steps_W)) if ev.assignment[w] == k]
@@ -79,8 +85,8 @@ def compare(rows, layout: SlotLayout, K: int, model: CostModel, *, window: int, 
     return Comparison(
         plan=plan, greedy=greedy, static_step_s=ev_static.expected_step_s, greedy_step_s=ev_greedy.expected_step_s,
         pool_expected_step_s=ev.expected_step_s,
-        pool_online_step_s=simulate_online(plan.pool, load_WE, steps_W, model, first=ev.assignment[0]).expected_step_s,
-        greedy_online_step_s=simulate_online(greedy, load_WE, steps_W, model,
+        pool_online_step_s=simulate_online(plan.pool, fine_WE, fine_W, model, first=ev.assignment[0]).expected_step_s,
+        greedy_online_step_s=simulate_online(greedy, fine_WE, fine_W, model,
                                              first=ev_greedy.assignment[0]).expected_step_s,
         predicted_step_s=tuple(per_plan), step_s_WK=ev.step_s_WK,
         static_step_s_W=tuple(r[0] for r in ev_static.step_s_WK),

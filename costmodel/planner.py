@@ -293,6 +293,10 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
                     prob += lin(terms) >= 0
                 else:  # T_w >= load - total_w (1 - a): only binding for the member that serves w
                     prob += lin(terms + [(a[w, k], -total[w])]) >= -total[w]
+    for w in ws:
+        # valid for every member (its busiest rank carries at least the mean), and the one bound the big-M rows
+        # cannot give the LP relaxation: without it the root bound is near 0
+        prob += T[w] >= total[w] / R
     if K > 1:
         for w in ws:
             prob += pulp.lpSum(a[w, k] for k in ks) == 1
@@ -434,7 +438,6 @@ def align_pool(pool: Pool) -> Pool:
 # -- the planner ------------------------------------------------------------------------------------------------
 
 MONOLITHIC_MAX_BINARIES = 400
-CBC_TRIPLES_PER_S = 8_000
 HEURISTIC_SHARE = 0.15  # of the time limit for trying groupings before the ILP
 CBC_SHARE = 0.75  # of the time left that goes to CBC's search; the rest covers building and file round trips
 
@@ -476,44 +479,47 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
                                    time_limit_s=max(0.05, CBC_SHARE * left - 0.1), gap_rel=gap_rel)
         else:
             found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
-                                     time_limit_s=0.95 * left, gap_rel=gap_rel)
+                                     time_limit_s=0.9 * left, gap_rel=gap_rel)
         if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
             result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
                     bound_s=result.bound_s, gap=result.gap, solve_s=time.perf_counter() - started, status=result.status)
 
 
+def _cbc_floor_s(triples: int) -> float:
+    """Seconds a CBC solve of the per-group ILP takes beyond its time limit, by model size (see the caller)."""
+    return 0.1 + (triples / 7000) ** 1.5
+
+
 def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], warm: tuple[Pool, list[int]],
-                     *, kappa: float, switch_s: float, time_limit_s: float, gap_rel: float) -> PoolPlan | None:
+                     *, kappa: float, switch_s: float, time_limit_s: float, gap_rel: float) -> PoolPlan:
     """One K = 1 ILP per group of windows of the warm pool, warm-started from its member; then windows move to
     their best member."""
     started = time.perf_counter()
     pool, assignment = warm
     groups = [[w for w, k in enumerate(assignment) if k == j] for j in range(len(pool))]
-    groups = [grp for grp in groups if grp]
     placements = []
     all_optimal, solved = True, 0
-    # Beyond CBC's own limit each solve spends time building, writing and reading the model and in CBC phases
-    # that do not look at the clock (about 20 us per rank x expert x window, and more on a busy machine); start
-    # from that guess and learn it from each solve.
-    overhead_per_triple, overhead_fixed = 2e-5, 0.1
+    # CBC does not look at its clock while it solves the root LP and re-solves around the warm start, and the
+    # model is built, written and read back besides: measured on this machine, a group of 3k (rank, expert,
+    # window) triples costs about 0.4 s whatever the limit, 12k about 3.5 s. ``_cbc_floor_s`` models that,
+    # scaled up by what each solve shows; a group whose floor exceeds its share of the budget keeps its member.
+    slowdown = 1.0
     for i, grp in enumerate(groups):
+        start = pool.placements[i]
+        if not grp:
+            placements.append(start)
+            continue
         sub, steps = [load_WE[w] for w in grp], [steps_W[w] for w in grp]
-        start = pool.placements[assignment[grp[0]]]
-        triples = layout.ranks * len(load_WE[0]) * len(grp)
-        budget = (time_limit_s - (time.perf_counter() - started)) / (len(groups) - i)
-        cbc_s = budget - overhead_fixed - overhead_per_triple * triples
+        floor = slowdown * _cbc_floor_s(layout.ranks * len(load_WE[0]) * len(grp))
+        budget = (time_limit_s - (time.perf_counter() - started)) / sum(1 for g_ in groups[i:] if g_)
         found = None
-        # CBC does not look at its clock while solving the root LP or improving the warm start: measured here,
-        # 3k (rank, expert, window) triples take 0.3-0.6 s before the limit can bite, 16k take 3-9 s. Groups
-        # larger than the budget allows keep their warm-start member.
-        if cbc_s >= 0.05 and triples <= CBC_TRIPLES_PER_S * cbc_s:
+        if budget >= floor + 0.05:
             t0 = time.perf_counter()
             found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s,
                                    warm=(Pool(layout=layout, placements=(start,)), [0] * len(grp)),
-                                   time_limit_s=cbc_s, gap_rel=gap_rel)
-            overrun = time.perf_counter() - t0 - cbc_s
-            overhead_per_triple = max(overhead_per_triple, (overrun - overhead_fixed) / triples)
+                                   time_limit_s=budget - floor, gap_rel=gap_rel)
+            slowdown = max(slowdown, (time.perf_counter() - t0 - (budget - floor)) / floor)
             solved += 1
         all_optimal &= found is not None and found.status == "optimal"
         placements.append(found.pool.placements[0] if found is not None else start)

@@ -5,7 +5,7 @@ expert-slot form (route, sort rows by slot, grouped expert FFN, combine) and low
 """
 from moecc.backend import moecc_backend, register
 from moecc.report import Report, report
-from moecc.runtime import attach, expert_parameter_names, sync_expert_grads
+from moecc.runtime import attach, consolidate, expert_parameter_names, switch, switch_log, sync_expert_grads
 
-__all__ = ["Report", "attach", "expert_parameter_names", "moecc_backend", "register", "report",
-           "sync_expert_grads"]
+__all__ = ["Report", "attach", "consolidate", "expert_parameter_names", "moecc_backend", "register", "report",
+           "switch", "switch_log", "sync_expert_grads"]

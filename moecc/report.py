@@ -48,13 +48,34 @@ class Report:
             table.add_row(*row)
         return table
 
+    @property
+    def switches(self) -> list:
+        """Every placement switch the runtime made (moecc.runtime.SwitchRecord), oldest first."""
+        from moecc import runtime
+
+        return runtime.switch_log()
+
+    def switch_table(self) -> Table:
+        table = Table(title="moecc: placement switches")
+        for col in ("step", "block", "from (experts per rank)", "to", "moved experts", "predicted gain/step",
+                    "predicted cost", "switch took", "measured gain/step"):
+            table.add_column(col, overflow="fold")
+        for r in self.switches:
+            measured = "" if r.measured_gain_s is None else f"{1e3 * r.measured_gain_s:.2f} ms"
+            table.add_row(str(r.step), r.layer or "<root>", str(r.placement_from), str(r.placement_to),
+                          str(r.moved_experts), f"{1e3 * r.predicted_gain_s:.2f} ms",
+                          f"{1e3 * r.predicted_cost_s:.2f} ms", f"{1e3 * r.switch_s:.2f} ms", measured)
+        return table
+
     def __rich__(self):
-        return self.table()
+        from rich.console import Group
+
+        return Group(self.table(), self.switch_table()) if self.switches else self.table()
 
     def __str__(self) -> str:
         console = Console(width=160, record=True)
         with console.capture() as cap:
-            console.print(self.table())
+            console.print(self)
         return cap.get()
 
 

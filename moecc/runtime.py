@@ -1,15 +1,28 @@
-"""The runtime side of rewritten MoE layers: their placement tensors, their experts' parameters, gradient upkeep.
+"""The runtime side of rewritten MoE layers: load monitor, placement switching, gradient upkeep, checkpoints.
 
-Each block rewritten for expert parallelism registers a :class:`SlotLayer` here. Training then needs one call
-before ``optimizer.step()`` -- or none, after :func:`attach` hooked it onto the optimizer:
+Every block the MoE pass rewrites registers a :class:`SlotLayer` here: its experts' parameters, its placement
+buffers (read by the compiled graph, so changing them changes data, never code) and its load counter (tokens per
+expert, summed on the device by the graph at every step, read here every N steps: no per-step host sync).
 
-- replicas of an expert (on several ranks) must see the same gradient: the hosts' partial gradients are summed;
-- an expert this rank does not host has no gradient here (set to None, so the optimizer leaves its copy alone);
-- ``average=True`` divides expert gradients by the world size, matching DDP's averaging of the other parameters.
+Under expert parallelism every rank keeps the user's whole model; a rank *hosts* the experts its slots hold and
+only hosts compute (and get gradients for) an expert. Training needs one line, ``moecc.attach(optimizer)``:
+
+- before each ``optimizer.step()``: replicas' partial gradients are summed; experts this rank does not host get no
+  gradient (the optimizer leaves their copies alone); ``average=True`` divides expert gradients by the world size
+  to match DDP's averaging of the dense parameters;
+- after each step, every ``check_every`` steps (the commit point between the step and the next forward): the load
+  window is summed over ranks, each candidate placement is priced with the cost model, and the layer switches
+  when the predicted saving over the next interval exceeds the predicted switch cost. A switch broadcasts the
+  weights, gradients and optimizer state of every expert that gains a host from one of its old hosts, then
+  rewrites the placement buffers in place.
+
+Checkpoints: :func:`consolidate` refreshes every rank's copy of every expert from a host, so ``state_dict()`` is
+the whole model in logical expert order, whatever the placement; it loads under any placement or world size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -17,26 +30,60 @@ import torch.distributed as dist
 
 @dataclass(eq=False, slots=True)
 class SlotLayer:
-    """One rewritten block under expert parallelism."""
+    """One rewritten block, as the runtime sees it."""
 
     path: str
-    config: object  # backends.ep.EPConfig
+    num_experts: int
+    d_model: int
+    d_ffn: int
+    config: object | None  # backends.ep.EPConfig under expert parallelism, None on one process
     expert_params: list[list[torch.nn.Parameter]]  # per expert (ModuleList); empty when stacked
     stacked_params: list[torch.nn.Parameter] = field(default_factory=list)  # [E, ...] parameters
-    placement_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # placement tensors and the load counter
+    pool: object | None = None  # costmodel Pool to choose from; None: current vs a greedy re-plan
+    switch_log: list = field(default_factory=list)
+    local_placement: object | None = None  # one process: slots are all local, the placement is bookkeeping
+
+    @property
+    def placement(self):
+        return self.config.placement if self.config is not None else self.local_placement
 
     def group(self):
-        return dist.distributed_c10d._resolve_process_group(self.config.group_name)
+        return dist.distributed_c10d._resolve_process_group(self.config.group_name) if self.config else None
 
     def hosted(self) -> set[int]:
+        if self.config is None:
+            return set(range(self.num_experts))
         p = self.config.placement
         return {p.expert_S[s] for s in p.layout.slots_of(self.config.rank) if p.expert_S[s] >= 0}
 
     def replicated(self) -> list[int]:
+        if self.config is None:
+            return []
         return [e for e, n in enumerate(self.config.placement.replicas()) if n > 1]
+
+    def expert_tensors(self, e: int) -> list[torch.Tensor]:
+        """Expert e's parameters (views into stacked ones)."""
+        if self.expert_params:
+            return list(self.expert_params[e])
+        return [p[e] for p in self.stacked_params]
+
+
+@dataclass(slots=True)
+class SwitchRecord:
+    step: int
+    layer: str
+    placement_from: list
+    placement_to: list
+    predicted_gain_s: float  # per step, on the window that triggered it
+    predicted_cost_s: float
+    moved_experts: list[int]
+    switch_s: float  # measured time of the switch itself
+    measured_gain_s: float | None = None  # mean step time before minus after (filled at the next check)
 
 
 _layers: list[SlotLayer] = []
+_attached: list[torch.optim.Optimizer] = []
 
 
 def register(layer: SlotLayer) -> None:
@@ -44,17 +91,27 @@ def register(layer: SlotLayer) -> None:
 
 
 def layers() -> list[SlotLayer]:
-    """Every EP layer compiled in this process, oldest first."""
+    """Every rewritten layer compiled in this process, oldest first."""
     return list(_layers)
 
 
 def clear() -> None:
     _layers.clear()
+    _attached.clear()
+
+
+def switch_log() -> list[SwitchRecord]:
+    return [r for layer in _layers for r in layer.switch_log]
+
+
+# ----------------------------------------------------------------------------------------------- gradients
 
 
 def sync_expert_grads(average: bool = False) -> None:
     """Make expert gradients right for this rank's optimizer step (see the module docstring)."""
     for layer in layers():
+        if layer.config is None:
+            continue
         group = layer.group()
         world = dist.get_world_size(group)
         hosted, replicated = layer.hosted(), layer.replicated()
@@ -63,10 +120,8 @@ def sync_expert_grads(average: bool = False) -> None:
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                if e in replicated:
-                    for p in params:
+                    if e in replicated:
                         dist.all_reduce(p.grad, group=group)
-                for p in params:
                     if e not in hosted and e not in replicated:
                         p.grad = None
                     elif average:
@@ -80,13 +135,194 @@ def sync_expert_grads(average: bool = False) -> None:
                 p.grad.div_(world)
 
 
-def attach(optimizer: torch.optim.Optimizer, average: bool = False):
-    """Run :func:`sync_expert_grads` before every ``optimizer.step()``; returns the hook handle."""
-    return optimizer.register_step_pre_hook(lambda opt, args, kwargs: sync_expert_grads(average))
-
-
 def expert_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Names of ``model``'s parameters that belong to experts of rewritten EP layers (for DDP to ignore)."""
-    ids = {id(p) for layer in layers() for ps in layer.expert_params for p in ps}
-    ids |= {id(p) for layer in layers() for p in layer.stacked_params}
+    """Names of ``model``'s parameters that belong to experts of expert-parallel layers (for DDP to ignore)."""
+    ids = {id(p) for layer in layers() if layer.config for ps in layer.expert_params for p in ps}
+    ids |= {id(p) for layer in layers() if layer.config for p in layer.stacked_params}
     return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+# ----------------------------------------------------------------------------------------------- switching
+
+
+def _state_tensors(layer: SlotLayer, e: int, optimizers) -> list[tuple[torch.Tensor, str, object]]:
+    """(tensor, what, owner) for expert e's weights, gradients and optimizer state, in a rank-independent order."""
+    out = []
+    if layer.expert_params:
+        params = [(p, None) for p in layer.expert_params[e]]
+    else:
+        params = [(p, e) for p in layer.stacked_params]
+    for p, index in params:
+        out.append((p, "param", index))
+        out.append((p, "grad", index))
+        for opt in optimizers:
+            if any(p is q for g in opt.param_groups for q in g["params"]):
+                out.append((p, ("state", opt), index))
+    return out
+
+
+def _broadcast_expert(layer: SlotLayer, e: int, src_rank: int, optimizers) -> None:
+    """Every rank gets host ``src_rank``'s weights, gradient and optimizer state of expert e."""
+    group = layer.group()
+    src = dist.get_global_rank(group, src_rank)
+    for p, what, index in _state_tensors(layer, e, optimizers):
+        if what == "param":
+            view = p.data if index is None else p.data[index]
+            dist.broadcast(view, src=src, group=group)
+        elif what == "grad":
+            meta = [p.grad is not None]
+            dist.broadcast_object_list(meta, src=src, group=group)
+            if meta[0]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.broadcast(p.grad if index is None else p.grad[index], src=src, group=group)
+        else:
+            opt = what[1]
+            state = opt.state[p]
+            meta = [{k: (tuple(v.shape), v.dtype) for k, v in state.items() if torch.is_tensor(v)}]
+            dist.broadcast_object_list(meta, src=src, group=group)
+            for key, (shape, dtype) in sorted(meta[0].items()):
+                if key not in state or not torch.is_tensor(state[key]) or tuple(state[key].shape) != shape:
+                    state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+                t = state[key]
+                dist.broadcast(t if index is None or t.dim() == 0 else t[index], src=src, group=group)
+
+
+def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, predicted_gain_s: float = 0.0,
+           predicted_cost_s: float = 0.0) -> SwitchRecord:
+    """Move ``layer`` to ``placement`` (same slot layout) now: weights, gradients, optimizer state, then the buffers.
+
+    Call it on every rank with the same placement, between an optimizer step and the next forward.
+    On one process every slot is local: only the bookkeeping changes.
+    """
+    from moecc.backends.ep import placement_tensors
+
+    optimizers = list(optimizers if optimizers is not None else _attached)
+    start = time.perf_counter()
+    old = layer.placement
+    moved: list[int] = []
+    if layer.config is not None:
+        if placement.layout != old.layout or placement.num_experts != old.num_experts:
+            raise ValueError(f"moecc: a switch keeps the slot layout ({old.layout}); got {placement.layout}")
+        k = old.layout.slots_per_rank
+        hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
+        hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
+        for e in range(layer.num_experts):
+            if hosts_new[e] - hosts_old[e]:
+                _broadcast_expert(layer, e, min(hosts_old[e]), optimizers)
+                moved.append(e)
+        slots, cum = placement_tensors(placement, layer.buffers["replica_slots"].device,
+                                       width=layer.buffers["replica_slots"].shape[1])
+        layer.buffers["replica_slots"].copy_(slots)
+        layer.buffers["replica_cum"].copy_(cum)
+        layer.config = replace(layer.config, placement=placement)
+    else:
+        layer.local_placement = placement
+    record = SwitchRecord(step=step, layer=layer.path,
+                          placement_from=old.experts_per_rank() if old else [],
+                          placement_to=placement.experts_per_rank(), predicted_gain_s=predicted_gain_s,
+                          predicted_cost_s=predicted_cost_s, moved_experts=moved,
+                          switch_s=time.perf_counter() - start)
+    layer.switch_log.append(record)
+    return record
+
+
+def consolidate(optimizers=None) -> None:
+    """Refresh every rank's copy of every expert (weights, optimizer state) from its first host.
+
+    Call on every rank before ``state_dict()`` / ``optimizer.state_dict()``: the result is the whole model in
+    the user's logical expert order, loadable under any placement or world size.
+    """
+    optimizers = list(optimizers if optimizers is not None else _attached)
+    for layer in layers():
+        if layer.config is None:
+            continue
+        k = layer.placement.layout.slots_per_rank
+        for e in range(layer.num_experts):
+            host = min(s // k for s, x in enumerate(layer.placement.expert_S) if x == e)
+            _broadcast_expert(layer, e, host, optimizers)
+
+
+# ----------------------------------------------------------------------------------------------- monitor
+
+
+@dataclass(slots=True)
+class _Monitor:
+    check_every: int
+    profile: object
+    average: bool
+    steps: int = 0
+    last_check: float = field(default_factory=time.perf_counter)
+    step_times: list = field(default_factory=list)
+
+
+def read_loads(layer: SlotLayer) -> list[float]:
+    """Tokens per expert since the last read, summed over ranks; resets the counter (one host sync)."""
+    counts = layer.buffers["load_counts"].detach().clone().double()
+    layer.buffers["load_counts"].zero_()
+    if layer.config is not None:
+        dist.all_reduce(counts, group=layer.group())
+    return counts.tolist()
+
+
+def candidates(layer: SlotLayer, load_E: list[float]):
+    """The placements a check chooses from: the layer's pool, else the current one and a greedy re-plan."""
+    from moecc.costmodel.greedy import greedy_placement
+
+    if layer.pool is not None:
+        return list(layer.pool.placements)
+    return [layer.placement, greedy_placement(layer.placement.layout, load_E)]
+
+
+def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
+    """(best placement, predicted per-step gain, predicted switch cost), or None to stay."""
+    from moecc.costmodel.formulas import ExpertDims, compile_cost_model
+
+    if layer.config is None or sum(load_E) == 0:
+        return None
+    dims = ExpertDims(d_model=layer.d_model, d_ffn=layer.d_ffn, act_bytes=4, param_bytes=4)
+    model = compile_cost_model(profile, dims, layer.placement.layout.ranks)
+    per_step = [x / interval_steps for x in load_E]
+    current = model.step_s(layer.placement, per_step)
+    best = min(candidates(layer, per_step), key=lambda p: model.step_s(p, per_step))
+    gain = current - model.step_s(best, per_step)
+    cost = model.switch_s(layer.placement, best)
+    if best.expert_S == layer.placement.expert_S or gain * interval_steps <= cost:
+        return None
+    return best, gain, cost
+
+
+def _after_step(monitor: _Monitor, optimizers) -> None:
+    monitor.steps += 1
+    if monitor.steps % monitor.check_every:
+        return
+    now = time.perf_counter()
+    mean_step = (now - monitor.last_check) / monitor.check_every
+    monitor.last_check = now
+    for layer in layers():
+        if layer.switch_log and layer.switch_log[-1].measured_gain_s is None and monitor.step_times:
+            layer.switch_log[-1].measured_gain_s = monitor.step_times[-1] - mean_step
+        load = read_loads(layer)
+        choice = decide(layer, load, monitor.check_every, monitor.profile)
+        if choice is not None:
+            best, gain, cost = choice
+            switch(layer, best, optimizers, step=monitor.steps, predicted_gain_s=gain, predicted_cost_s=cost)
+    monitor.step_times.append(mean_step)
+
+
+def attach(optimizer: torch.optim.Optimizer, *, average: bool = False, check_every: int = 50,
+           switching: bool = True, profile=None):
+    """Hook moecc's runtime onto ``optimizer``: gradient upkeep before each step; every ``check_every`` steps
+    after a step, read the loads and switch placement when the cost model says it pays (``switching=False``
+    keeps the placement). ``profile`` is a costmodel ``Profile`` (default: the shipped CPU profile).
+    Returns the two hook handles.
+    """
+    from moecc.costmodel.profile import builtin_profile
+
+    _attached.append(optimizer)
+    monitor = _Monitor(check_every=check_every, profile=profile or builtin_profile("cpu"), average=average)
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: sync_expert_grads(average))
+    post = None
+    if switching:
+        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: _after_step(monitor, [optimizer]))
+    return pre, post

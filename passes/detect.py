@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .expert_template import _GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
-from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, fake, is_call, module_path,
+from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, descendants, fake, is_call, module_path,
                           source_path)
 from .spec import ExpertsSpec, MoESpec, RouterSpec
 
@@ -49,14 +49,56 @@ def _modulelist_containers(params: dict[str, fx.Node]) -> dict[str, dict[int, di
     for path, node in params.items():
         parts = path.split(".")
         for i, part in enumerate(parts[:-1]):
-            if part.isdigit():
-                found[".".join(parts[:i])][int(part)][".".join(parts[i + 1:])] = node
+            # ``experts.3`` (ModuleList) or ``experts.expert_3`` (ModuleDict keyed by name, Switch Transformers)
+            if (index := _member_index(part)) is not None:
+                found[".".join(parts[:i])][index][".".join(parts[i + 1:])] = node
     good = {}
     for prefix, members in found.items():
         rests = {frozenset(m) for m in members.values()}
         if len(members) >= 2 and len(rests) == 1 and sorted(members) == list(range(len(members))):
             good[prefix] = members
     return good
+
+
+def _member_index(part: str) -> int | None:
+    match = re.fullmatch(r"(?:[A-Za-z]+_)?(\d+)", part)
+    return int(match.group(1)) if match else None
+
+
+_ROUTER_WEIGHT_VIEWS = {"type", "to", "float", "t", "T", "transpose", "contiguous"}
+
+
+def _router_weight(gate: fx.Node) -> fx.Node | None:
+    """The parameter the router's linear reads, through casts (DeepSeek's ``weight.type(torch.float32)``)."""
+    node = gate.args[1] if len(gate.args) > 1 else gate.kwargs.get("weight")
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") \
+            and _name(node) in _ROUTER_WEIGHT_VIEWS and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node if isinstance(node, fx.Node) else None
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _anchor(node: fx.Node) -> tuple[int, int, fx.Node] | None:
+    """(E, k, expert-ids node) if ``node`` picks experts: ``topk`` over E scores, or ``argmax`` over E (top-1,
+    Switch Transformers). None otherwise."""
+    if is_call(node, *TOPK):
+        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+        indices = next((u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
+    elif is_call(node, torch.argmax, "argmax"):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        scores = fake(node.args[0])
+        if scores is None or dim not in (-1, scores.dim() - 1):
+            return None
+        k, indices = 1, node
+    else:
+        return None
+    scores = fake(node.args[0])
+    if scores is None or not isinstance(scores.shape[-1], int) or not isinstance(k, int) or indices is None:
+        return None
+    return scores.shape[-1], k, indices
 
 
 def _gate_linear(topk: fx.Node, num_experts: int) -> fx.Node | None:
@@ -78,10 +120,12 @@ def _gate_linear(topk: fx.Node, num_experts: int) -> fx.Node | None:
 def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]) -> RouterSpec:
     between = ancestors([topk]) - ancestors([gate]) - {gate}
     names = {getattr(n.target, "__name__", str(n.target)) for n in between}
-    values = [u for u in topk.users if u.args[1] == 0]
-    after = set()
-    for v in values:
-        after |= {u for u in block_nodes if v in ancestors([u])}
+    # The router's weights: the top-k values, or scores gathered at the top-k ids (DeepSeek-V3), and what the
+    # router module computes from them (renormalisation, scaling).
+    values = [u for u in topk.users if is_call(u, operator.getitem) and u.args[1] == 0]
+    values += [n for n in block_nodes if is_call(n, torch.gather, "gather") and topk in ancestors([n])]
+    router_path = module_path(topk)
+    after = descendants(values) & {n for n in block_nodes if _inside(module_path(n), router_path)}
     after_names = {getattr(n.target, "__name__", str(n.target)) for n in after}
     score = "softmax" if "softmax" in names else "sigmoid" if "sigmoid" in names else "logits"
     gathers = [n for n in block_nodes if is_call(n, torch.gather, "gather") and topk in ancestors([n])]
@@ -148,20 +192,16 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
     params = _params(graph)
     lists = _modulelist_containers(params)
     blocks: dict[str, Block] = {}
-    for topk in [n for n in graph.nodes if is_call(n, *TOPK)]:
-        scores = fake(topk.args[0])
-        if scores is None or not isinstance(scores.shape[-1], int):
+    for topk in graph.nodes:
+        anchor = _anchor(topk)
+        if anchor is None:
             continue
-        num_experts = scores.shape[-1]
-        k = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
-        if not isinstance(k, int):
-            continue
-        indices = next((u for u in topk.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
+        num_experts, k, indices = anchor
         gate = _gate_linear(topk, num_experts)
-        if indices is None or gate is None:
+        if gate is None:
             continue
         router_path = module_path(topk)
-        exclude = {gate.args[1]} if len(gate.args) > 1 else set()
+        exclude = {w for w in (gate.args[1] if len(gate.args) > 1 else None, _router_weight(gate)) if w is not None}
 
         containers = [(p, m) for p, m in lists.items() if len(m) == num_experts]
         near = _nearest_params({p: n for p, n in params.items() if n not in exclude}, router_path, num_experts)
@@ -183,7 +223,9 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
             elif grouped:
                 template = extract_template([list(grouped.values())], source_path, grouped, graph)
                 experts_path = stacked_path_parent(next(iter(grouped)))
-                batched = any(u.target is operator.getitem for n in grouped.values() for u in n.users)
+                # Gathering a weight matrix per row is batched_mm; gathering a bias per row happens in both forms.
+                batched = any(u.target is operator.getitem for n in grouped.values() if fake(n).dim() >= 3
+                              for u in n.users)
                 weights, form = "stacked", "batched_mm" if batched else "grouped_mm"
                 pnames = tuple(p.split(".")[-1] for p in grouped)
             else:
@@ -197,12 +239,17 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
         block_path = common_prefix([router_path, experts_path])
         if form is None and template is not None:
             form = _loop_form(template, indices)
+        # Only the block's own nodes describe its router (a later layer's ``* scaling`` is not a routed scale).
+        own = {n for n in graph.nodes if _inside(module_path(n), block_path)}
+        expert_nodes = descendants(template.sources) if template is not None else set()
         spec = MoESpec(path=block_path, form=form or "unknown", num_experts=num_experts,
-                       router=_router_spec(topk, gate, k, set(graph.nodes)),
+                       router=_router_spec(topk, gate, k, own),
                        experts=ExpertsSpec(ffn=ffn_kind(template) if template else "unknown", weights=weights,
                                            path=experts_path, params=pnames,
                                            layouts=_layouts(template) if template else (),
                                            biases=any(p.endswith("bias") for p in pnames)))
+        if any(is_call(n, torch.cumsum, "cumsum") for n in descendants([topk]) & own if n not in expert_nodes):
+            spec.notes.append("capacity: a token past its expert's capacity is dropped")
         spec.shared_experts = tuple(sorted({_shared_path(module_path(n), block_path) for n in graph.nodes
                                             if "shared" in module_path(n) and module_path(n).startswith(block_path)}))
         # A later topk of the same block (the final selection after a group-limited one) replaces the earlier.
@@ -217,8 +264,13 @@ def _layouts(template: ExpertTemplate) -> tuple[str, ...]:
     for ref in template.weights.values():
         value = fake(ref.nodes[0])
         shape = list(value.shape[1:] if ref.stacked else value.shape) if value is not None else []
-        seen.setdefault(ref.role, f"{ref.role} {shape}{' (transposed)' if ref.transposed else ''}")
+        name = ref.role.rsplit(".", 1)[-1] if ref.stacked else ref.role
+        seen.setdefault(ref.role, f"{name} {shape}{' (transposed)' if ref.transposed else ''}")
     return tuple(seen.values())
+
+
+def _inside(path: str, block_path: str) -> bool:
+    return not block_path or path == block_path or path.startswith(block_path + ".")
 
 
 def stacked_path_parent(path: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call
+from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call, is_inplace
 
 # Ops that only view or re-lay out a weight (``w[e].t()``), folded into the weight reference.
 _WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bfloat16", "half", torch.transpose,
@@ -96,7 +96,13 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
     if not consumers:
         raise TemplateError("expert weights are not used")
     last = max(consumers, key=node_index.__getitem__)
-    body = (ancestors([last]) | {last}) & descendants(exprs)
+    reach = descendants(exprs)
+    body = (ancestors([last]) | {last}) & reach
+    # In-place ops on the computation's values (HF's ``out.add_(bias)``) feed later ops through their base, not
+    # through an FX edge: take them, and what they read from the weights, into the computation too.
+    while mutators := {u for n in body for u in n.users if u not in body and is_inplace(u) and u.args[0] is n
+                       and node_index[u] < node_index[last]}:
+        body |= mutators | (ancestors(mutators) & reach)
     body -= set(exprs)
     nodes = sorted(body, key=node_index.__getitem__)
     external = {a for n in nodes for a in _data_inputs(n) if a not in body and a not in exprs}
@@ -183,8 +189,16 @@ def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_n
         weights[expr] = WeightRef(role=role, nodes=ref_nodes, transposed=bool(transposes % 2))
     all_sources = {n for _, _, ex in computations for n in ex}
     return ExpertTemplate(rows=rows, nodes=nodes, weights=weights,
-                          per_expert_outputs=[c[0][-1] for c in computations],
+                          per_expert_outputs=[_value_of(c[0][-1]) for c in computations],
                           per_expert_rows=[c[1] for c in computations], sources=all_sources)
+
+
+def _value_of(node: fx.Node) -> fx.Node:
+    """The node later code reads an expert's output from: for a last op in place (HF's ``out.add_(bias)``), its
+    base, since the graph's users read the mutated base, not the ``add_`` node."""
+    while is_inplace(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def ffn_kind(template: ExpertTemplate) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import inspect
 import sys
@@ -109,6 +110,25 @@ def eager_forward(cls: type) -> Callable:
     return getattr(cls.forward, "__wrapped__", cls.forward)
 
 
+def _delegate(cls: type) -> None:
+    """Make an undecorated experts ``forward`` (Switch) reach Dynamo through a call it can substitute.
+
+    Dynamo inlines a module's own ``forward`` without looking for substitutions; it looks for them when a
+    function is called from traced code. HF's ``@use_experts_implementation`` already calls the eager forward
+    that way; for a class without it we install the same thin wrapper once: it calls the original forward with
+    the same arguments, so eager behaviour is unchanged, and other backends still trace the original.
+    """
+    if hasattr(cls.forward, "__wrapped__"):
+        return
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    cls.forward = forward
+
+
 _found: dict[type, Callable | None] = {}
 
 
@@ -125,6 +145,7 @@ def experts_classes() -> dict[Callable, Callable]:
                 match = EQUIVALENTS.get(fingerprint(eager_forward(cls)) or "")
                 _found[cls] = match[1] if match else None
             if _found[cls] is not None:
+                _delegate(cls)
                 out[eager_forward(cls)] = _found[cls]
     return out
 

@@ -12,6 +12,7 @@ import torch
 from torch import fx
 
 from .detect import detect_moe_blocks
+from .graph_utils import fake
 from .expert_template import TemplateError
 from .rewrite_slots import RewriteError, rewrite_block
 from .spec import MoESpec
@@ -76,20 +77,23 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
         if reason is None:
-            if ep is not None:
-                _register_layer(block, ep, gm, candidate, example_inputs, f"moecc_placement_{i}")
+            _register_layer(block, ep, current, candidate, example_inputs, f"moecc_placement_{i}")
             current = candidate
             records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
                                        layout=ep.describe() if ep else "", send_rows=send_rows))
         else:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {reason}", graph=graph_name,
                                        check_s=elapsed))
+    for name, buf in current.named_buffers():
+        if name.endswith("_load_counts"):
+            buf.zero_()  # the checks above ran the graph; the monitor counts training steps only
     return current, records
 
 
 def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, buffer_name):
-    """Tell the runtime which real parameters are this block's experts, and where its placement tensors are."""
+    """Tell the runtime which real parameters are this block's experts, and where its buffers are."""
     from moecc import runtime
+    from moecc.backends import ep as ep_mod
 
     real = {n: v for n, v in zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs)}
     expert_params: list[list] = [[] for _ in range(block.spec.num_experts)]
@@ -100,9 +104,14 @@ def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModu
         else:
             for e, node in enumerate(ref.nodes):
                 expert_params[e].append(real[node])
+    stacked = list({id(p): p for p in stacked}.values())
     buffers = {name[len(buffer_name) + 1:]: buf for name, buf in rewritten.named_buffers()
                if name.startswith(buffer_name)}
-    runtime.register(runtime.SlotLayer(path=block.spec.path, config=ep,
+    d_model = int(fake(block.x).shape[-1])
+    per_expert = sum(p.numel() for p in expert_params[0]) if not stacked else \
+        sum(p[0].numel() for p in stacked if p.dim() >= 3)
+    runtime.register(runtime.SlotLayer(path=block.spec.path, num_experts=block.spec.num_experts, d_model=d_model,
+                                       d_ffn=max(1, per_expert // (3 * d_model)), config=ep,
                                        expert_params=expert_params if not stacked else [],
-                                       stacked_params=list({id(p): p for p in stacked}.values()),
-                                       placement_buffers=buffers))
+                                       stacked_params=stacked, buffers=buffers,
+                                       local_placement=None if ep else ep_mod.default_placement(block.spec.num_experts, 1)))

@@ -101,6 +101,10 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
     def get(node, i):
         return graph.call_function(operator.getitem, (node, i))
 
+    # Tokens per expert, counted on the device every step; the runtime reads the sum every N steps.
+    counts_E = graph.call_function(torch.histc, (graph.call_method("float", (idx_N,)),),
+                                   {"bins": num_experts, "min": 0, "max": num_experts - 1})
+    graph.call_method("add_", (placement["load_counts"], counts_E))
     if ep is None:
         slot_N = get(placement["slot_of_expert"], idx_N)
         num_slots = num_experts
@@ -140,7 +144,9 @@ def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, lis
     env["weights"] = env[weight_node]
     root = torch.nn.Module()
     root.register_buffer("placement", torch.arange(block.spec.num_experts))
-    out = emit_slot_moe(graph, block, env, {"slot_of_expert": graph.get_attr("placement")})
+    root.register_buffer("load_counts", torch.zeros(block.spec.num_experts))
+    out = emit_slot_moe(graph, block, env, {"slot_of_expert": graph.get_attr("placement"),
+                                            "load_counts": graph.get_attr("load_counts")})
     graph.output(out)
     return fx.GraphModule(root, graph), inputs
 
@@ -218,6 +224,7 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep
 
         slots, cum = placement_tensors(ep.placement, device)
         buffers = {"replica_slots": slots, "replica_cum": cum}
+    buffers["load_counts"] = torch.zeros(block.spec.num_experts, device=device)
     for key, value in buffers.items():
         gm.register_buffer(f"{buffer_name}_{key}", value)
     old_sources = block.template.sources

@@ -43,7 +43,10 @@ def _allreduce_dense_grads(model) -> None:
 
 
 def _step_facts(model, ref, compiled, rank, world, seed):
-    """Forward/backward on this rank's slice vs the reference on the whole batch: max differences."""
+    """Forward/backward on this rank's slice vs the reference on the whole batch: max differences.
+
+    Leaves the gradients ready for ``optimizer.step()`` (what ``moecc.attach`` would do before it).
+    """
     x_all, cot_all = _batches(world, seed)
     out = compiled(x_all[rank:rank + 1])[0]
     (out * cot_all[rank:rank + 1]).sum().backward()
@@ -83,7 +86,6 @@ def replicated_hot_expert(rank, world):
     compiled = torch.compile(model, backend="moecc", options={"moecc.placement": per_rank})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    moecc.attach(opt)
     worst = {"out": 0.0, "grad": 0.0}
     for step in range(3):
         facts = _step_facts(model, ref, compiled, rank, world, seed=10 + step)
@@ -133,8 +135,66 @@ def mismatched_layout(rank, world):
     return {"raised": False, "message": ""}
 
 
+def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: int = 3) -> list[list[int]]:
+    """Placement number c of a cycle: round-robin shifted by c; odd c also replicate expert c % E everywhere."""
+    per_rank = [[] for _ in range(world)]
+    for e in range(num_experts):
+        per_rank[(e + c) % world].append(e)
+    if c % 2:
+        hot = c % num_experts
+        for row in per_rank:
+            if hot not in row and len(row) < slots_per_rank:
+                row.append(hot)
+    return [row + [-1] * (slots_per_rank - len(row)) for row in per_rank]
+
+
+def switch_every_3_steps(rank, world, steps: int = 20):
+    """Train 20 steps switching placement every 3; the same as one eager process, no recompiles, state follows."""
+    from torch._dynamo.utils import counters
+
+    model, ref = _pair()
+    compiled = torch.compile(model, backend="moecc", options={"moecc.placement": cycle_placement(0, world)})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    facts = {"out": 0.0, "grad": 0.0, "switches": 0}
+    graphs_after_first = None
+    for step in range(steps):
+        f = _step_facts(model, ref, compiled, rank, world, seed=100 + step)
+        facts["out"], facts["grad"] = max(facts["out"], f["out"]), max(facts["grad"], f["grad"])
+        opt.step()
+        opt_ref.step()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        if graphs_after_first is None:  # compiled by the first forward
+            graphs_after_first = counters["stats"]["unique_graphs"]
+            layer = runtime.layers()[-1]
+        if step % 3 == 2:
+            from moecc.backends.ep import placement_from_lists
+
+            target = placement_from_lists(cycle_placement(step // 3 + 1, world), 4)
+            moecc.switch(layer, target, [opt], step=step)
+            facts["switches"] += 1
+    facts["recompiled"] = counters["stats"]["unique_graphs"] != graphs_after_first
+    moecc.consolidate([opt])
+    facts["params_vs_ref"] = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
+    facts["adam_vs_ref"] = max(float((opt.state[p][k] - opt_ref.state[q][k]).abs().max())
+                               for p, q in zip(model.parameters(), ref.parameters())
+                               for k in ("exp_avg", "exp_avg_sq"))
+    facts["moved"] = [r.moved_experts for r in layer.switch_log]
+    # A checkpoint taken now loads into a fresh model compiled with another placement: same outputs.
+    fresh = moe_zoo.LoopMoE(16, 32, 4, 2)
+    fresh.load_state_dict(model.state_dict())
+    other = torch.compile(fresh, backend="moecc", options={"moecc.placement": cycle_placement(1, world)})
+    x_all, _ = _batches(world, seed=999)
+    with torch.no_grad():
+        out = other(x_all[rank:rank + 1])[0]
+        ref_out = ref(x_all.reshape(1, -1, 16))[0].reshape(world, TOKENS_PER_RANK, 16)[rank]
+    facts["checkpoint_out"] = float((out[0] - ref_out).abs().max())
+    return facts
+
+
 SCENARIOS = {f.__name__: f for f in (equal_single_process, replicated_hot_expert, receives_zero_tokens,
-                                     mismatched_layout)}
+                                     mismatched_layout, switch_every_3_steps)}
 
 
 def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:

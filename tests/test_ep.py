@@ -40,7 +40,23 @@ def run_ranks(world: int, scenarios: list[str], tmp_path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return run_ranks(2, ["equal_single_process", "replicated_hot_expert", "receives_zero_tokens",
-                         "mismatched_layout"], tmp_path_factory.mktemp("ep2"))
+                         "switch_every_3_steps", "mismatched_layout"], tmp_path_factory.mktemp("ep2"))
+
+
+def _assert_switching_matches_one_process(results):
+    for r, res in enumerate(results):
+        facts = res["switch_every_3_steps"]
+        assert facts["switches"] == 6
+        assert not facts["recompiled"], "a placement switch recompiled the graph"
+        assert facts["out"] < 1e-4 and facts["grad"] < 1e-4, (r, facts)
+        assert facts["params_vs_ref"] < 1e-4, "parameters drifted from the single-process run"
+        assert facts["adam_vs_ref"] < 1e-4, "optimizer state did not follow its expert"
+        assert all(moved for moved in facts["moved"]), "a switch moved no expert"
+        assert facts["checkpoint_out"] < 1e-4, "checkpoint did not reload under another placement"
+
+
+def test_switching_every_3_steps_on_two_ranks_matches_one_process(two_ranks):
+    _assert_switching_matches_one_process(two_ranks)
 
 
 def test_two_ranks_equal_one_process_outputs_and_gradients(two_ranks):
@@ -82,9 +98,10 @@ def test_mismatched_layouts_are_refused_on_every_rank(two_ranks):
 
 
 @pytest.mark.slow
-def test_four_ranks_equal_one_process(tmp_path):
-    results = run_ranks(4, ["equal_single_process"], tmp_path)
+def test_four_ranks_equal_one_process_and_switching(tmp_path):
+    results = run_ranks(4, ["equal_single_process", "switch_every_3_steps"], tmp_path)
     for r, res in enumerate(results):
         facts = res["equal_single_process"]
         assert facts["outcome"] == "rewritten"
         assert facts["out"] < 1e-5 and facts["grad"] < 1e-4, (r, facts)
+    _assert_switching_matches_one_process(results)
