@@ -95,15 +95,16 @@ def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModu
     from moecc import runtime
     from moecc.backends import ep as ep_mod
 
-    real = {n: v for n, v in zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs)}
+    # By name: ``block`` was detected on the first graph, ``original`` may be a copy made by an earlier rewrite.
+    real = {n.name: v for n, v in zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs)}
     expert_params: list[list] = [[] for _ in range(block.spec.num_experts)]
     stacked = []
     for ref in {id(r): r for r in block.template.weights.values()}.values():
         if ref.stacked:
-            stacked.append(real[ref.nodes[0]])
+            stacked.append(real[ref.nodes[0].name])
         else:
             for e, node in enumerate(ref.nodes):
-                expert_params[e].append(real[node])
+                expert_params[e].append(real[node.name])
     stacked = list({id(p): p for p in stacked}.values())
     buffers = {name[len(buffer_name) + 1:]: buf for name, buf in rewritten.named_buffers()
                if name.startswith(buffer_name)}
