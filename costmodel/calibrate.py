@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "fl
         base, name=name, source=source, gemm=table, memory_bandwidth_Bps=float(f"{mem_bw:.4g}"),
         intra_node=intra, inter_node=inter,
         notes=f"GEMM table fit error {100 * error:.1f}% mean absolute over {len(samples)} measured shapes. "
-              + base.notes)
+              + re.sub(r"GEMM table fit error [^.]*\.\s*", "", base.notes))
     return profile, error
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .formulas import ExpertDims, a2a_time_expr, compile_cost_model, ffn_time_expr, n as n_sym, N as N_sym, numeric_formula
@@ -166,6 +167,8 @@ def run_calibrate(args) -> int:
     rows = DEFAULT_ROWS[::2] if args.quick else DEFAULT_ROWS
     profile, error = calibrate(base, name=args.name, device=args.device, dtype=args.dtype, shapes=shapes, rows=rows,
                                threads=args.threads or None)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank measures (the all-to-all needs them all); rank 0 writes
     save_profile(profile, args.out)
     print(f"GEMM table: {len(profile.gemm.points)} points, call overhead {1e6 * profile.gemm.call_overhead_s:.1f} us, "
           f"fit error {100 * error:.1f}% mean absolute; memory {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s; wrote {args.out}")
