@@ -216,7 +216,7 @@ def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "fl
         base, name=name, source=source, gemm=table, memory_bandwidth_Bps=float(f"{mem_bw:.4g}"),
         intra_node=intra, inter_node=inter,
         notes=f"GEMM table fit error {100 * error:.1f}% mean absolute over {len(samples)} measured shapes. "
-              + re.sub(r"GEMM table fit error [^.]*\.\s*", "", base.notes))
+              + re.sub(r"GEMM table fit error .*?shapes\.\s*", "", base.notes))
     return profile, error
 
 

@@ -6,6 +6,8 @@ compared for every input that requires grad, under one random cotangent.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -19,7 +21,9 @@ def _copy_inputs(inputs, randomize: bool, generator: torch.Generator):
         copy = t.detach().clone()
         if randomize and copy.is_floating_point() and not isinstance(t, torch.nn.Parameter) and copy.numel():
             std = float(copy.float().std()) if copy.numel() > 1 else 1.0
-            copy = (torch.randn(copy.shape, generator=generator) * (std or 1.0)).to(copy)
+            # An additive attention mask (finfo.min entries) has no finite spread: keep it, it is not activations.
+            if math.isfinite(std):
+                copy = (torch.randn(copy.shape, generator=generator) * (std or 1.0)).to(copy)
         out.append(copy.requires_grad_(t.requires_grad and copy.is_floating_point()))
     return out
 
