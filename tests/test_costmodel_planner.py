@@ -141,3 +141,16 @@ def test_aligning_a_pool_keeps_step_times_and_moves_no_more_slots():
     load = [100, 200, 300, 50, 40, 30, 20]
     assert model.step_s(aligned.placements[1], load) == pytest.approx(model.step_s(b, load))
     assert model.switch_s(aligned.placements[0], aligned.placements[1]) <= model.switch_s(a, b)
+
+
+def test_polished_shares_balance_what_even_splits_leave_uneven():
+    layout = SlotLayout(ranks=2, slots_per_rank=2)
+    # expert 0 on both ranks, expert 1 with it on rank 0, expert 2 on rank 1: an even split of expert 0
+    # leaves rank 0 with 50 + 30 and rank 1 with 50 + 10; moving 10 of expert 0 to rank 1 balances them
+    from moecc.costmodel.placement import placement_from_ranks
+    from moecc.costmodel.planner import polish_shares
+    even = placement_from_ranks(layout, 3, [[(0, 0.5), (1, 1.0)], [(0, 0.5), (2, 1.0)]])
+    load = [[100, 30, 10]]
+    polished = polish_shares(even, load, [1])
+    assert polished.tokens_per_rank(load[0]) == pytest.approx([70, 70])
+    assert polished.expert_S == even.expert_S
