@@ -20,9 +20,12 @@ ILP over plans k, ranks r, experts e, scenarios w:
 - ``s[t,k] >= a[t,k] - a[t+1,k]``: counts switches between consecutive windows.
 - Symmetry: ranks within a plan are ordered by their load on the mean scenario, and plan k is first used after
   plan k-1 (``a[w,k] <= sum_{w'<w} a[w',k-1]``): interchangeable ranks and plans otherwise multiply the search.
+- ``T_w >= total_w / R``: valid for any member, and the root bound the big-M rows alone cannot give.
 
 Loads are normalised by the balanced rank load so that CBC's tolerances see numbers near 1. CBC runs with a time
-limit; whatever it holds then (at worst the warm start) is returned with its gap.
+limit; whatever it holds then (at worst the warm start) is returned with its gap. ``plan_pool`` is the entry
+point: warm start (``greedy_pool``, ``heuristic_pool``, ``polish_shares``), then this ILP whole for small
+instances or per group of windows for large ones.
 """
 from __future__ import annotations
 
@@ -154,7 +157,7 @@ def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[in
     return pool, best_assignment(cost, steps_W, switch_s)[1]
 
 
-def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int], kappa: float) -> tuple[Placement, ...]:
+def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int]) -> tuple[Placement, ...]:
     """Per group, the better of LPT on the group's mean load and the multi-scenario LPT on its windows."""
     members = []
     for k in sorted(set(group)):
@@ -222,7 +225,7 @@ def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
         for _ in range(2):
             if time.perf_counter() - started > time_budget_s:
                 return best[1]
-            pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group, kappa))
+            pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group))
             cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
             objective, path = best_assignment(cost, steps_W, switch_s)
             if objective < best[0]:
@@ -479,7 +482,7 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
                                    time_limit_s=max(0.05, CBC_SHARE * left - 0.1), gap_rel=gap_rel)
         else:
             found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
-                                     time_limit_s=0.9 * left, gap_rel=gap_rel)
+                                     time_limit_s=0.8 * left, gap_rel=gap_rel)
         if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
             result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
@@ -488,7 +491,7 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
 
 def _cbc_floor_s(triples: int) -> float:
     """Seconds a CBC solve of the per-group ILP takes beyond its time limit, by model size (see the caller)."""
-    return 0.1 + (triples / 7000) ** 1.5
+    return 0.15 + (triples / 7000) ** 1.5
 
 
 def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], warm: tuple[Pool, list[int]],
