@@ -11,6 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moecc.costmodel import cli as costmodel_cli
 
     costmodel_cli.add_commands(commands)
+    from moecc import report_cli
+
+    report_cli.add_commands(commands)
     return parser
 
 

@@ -42,7 +42,8 @@ class Report:
             s = b.spec
             weights = "; ".join(s.experts.layouts) if s.experts else ""
             style = "green" if b.rewritten else "yellow"
-            row = [b.graph, s.path or "<root>", s.form, s.summary(), weights, f"[{style}]{b.outcome}[/]"]
+            spec = "; ".join([s.summary(), *s.notes])
+            row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{b.outcome}[/]"]
             if parallel:
                 row += [getattr(b, "layout", ""), str(getattr(b, "send_rows", None) or "")]
             table.add_row(*row)
@@ -77,6 +78,23 @@ class Report:
         with console.capture() as cap:
             console.print(self)
         return cap.get()
+
+    def save_html(self, path: str, width: int = 160) -> None:
+        """The report as a standalone HTML page (rich's export), for sharing."""
+        out = console(width)
+        out.print(self)
+        out.save_html(path)
+
+    def save_svg(self, path: str, width: int = 160) -> None:
+        """The report as an SVG image (rich's export), for sharing."""
+        out = console(width)
+        out.print(self)
+        out.save_svg(path, title="moecc report")
+
+
+def console(width: int = 160) -> Console:
+    """A recording console: what is printed to it can be saved as HTML or SVG."""
+    return Console(width=width, record=True)
 
 
 def report() -> Report:

@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from .expert_template import _GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
-from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, descendants, fake, is_call, module_path,
-                          source_path)
+from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, descendants, fake, is_call, is_inplace,
+                          module_path, source_path)
 from .spec import ExpertsSpec, MoESpec, RouterSpec
 
 
@@ -119,6 +119,10 @@ def _gate_linear(topk: fx.Node, num_experts: int) -> fx.Node | None:
 
 def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]) -> RouterSpec:
     between = ancestors([topk]) - ancestors([gate]) - {gate}
+    # A group mask filled in place (``group_mask.scatter_(1, group_idx, 1)``, DeepSeek-V2) reaches the top-k
+    # through its base, not through an FX edge: follow in-place writes into the values on the way.
+    writes = {u for n in between for u in n.users if is_inplace(u) and u.args[0] is n}
+    between |= writes | (ancestors(writes) - ancestors([gate]) - {gate})
     names = {getattr(n.target, "__name__", str(n.target)) for n in between}
     # The router's weights: the top-k values, or scores gathered at the top-k ids (DeepSeek-V3), and what the
     # router module computes from them (renormalisation, scaling).
@@ -241,14 +245,15 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
             form = _loop_form(template, indices)
         # Only the block's own nodes describe its router (a later layer's ``* scaling`` is not a routed scale).
         own = {n for n in graph.nodes if _inside(module_path(n), block_path)}
-        expert_nodes = descendants(template.sources) if template is not None else set()
         spec = MoESpec(path=block_path, form=form or "unknown", num_experts=num_experts,
                        router=_router_spec(topk, gate, k, own),
                        experts=ExpertsSpec(ffn=ffn_kind(template) if template else "unknown", weights=weights,
                                            path=experts_path, params=pnames,
                                            layouts=_layouts(template) if template else (),
                                            biases=any(p.endswith("bias") for p in pnames)))
-        if any(is_call(n, torch.cumsum, "cumsum") for n in descendants([topk]) & own if n not in expert_nodes):
+        # Capacity: the router itself counts each expert's tokens in order (Switch's cumsum over the one-hot ids).
+        if any(is_call(n, torch.cumsum, "cumsum") and _inside(module_path(n), router_path)
+               for n in descendants([topk]) & own):
             spec.notes.append("capacity: a token past its expert's capacity is dropped")
         spec.shared_experts = tuple(sorted({_shared_path(module_path(n), block_path) for n in graph.nodes
                                             if "shared" in module_path(n) and module_path(n).startswith(block_path)}))

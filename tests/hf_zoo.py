@@ -122,3 +122,86 @@ def _spread_router_biases(model: torch.nn.Module) -> None:
                 t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
             elif name.endswith(("gate_up_proj_bias", "down_proj_bias")):
                 t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+
+
+def moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of every MoE block of a model built by :func:`build`: the module holding router and experts."""
+    return [(name, mod) for name, mod in model.named_modules()
+            if hasattr(mod, "experts") and any(hasattr(mod, r) for r in ("gate", "router"))]
+
+
+class Compiled:
+    """One model compiled with moecc, trained one step beside its eager twin: what the family tests read."""
+
+    def __init__(self, family: str, impl: str, size: str = "tiny"):
+        import copy
+
+        from torch._dynamo.utils import counters
+
+        import moecc
+
+        self.model, self.make_input = build(family, impl, size)
+        self.model.train(True)  # training graph: dropout and jitter are 0, so it still equals eager
+        self.twin = copy.deepcopy(self.model)
+        before = len(moecc.report().blocks)
+        torch._dynamo.reset()
+        counters.clear()
+        self.compiled = torch.compile(self.model, backend="moecc")
+        tokens = self.make_input()
+        self.out, self.ref = self.compiled(tokens), self.twin(tokens)
+        self.graphs = counters["stats"]["unique_graphs"]
+        self.breaks = sum(counters["graph_break"].values())
+        self.records = moecc.report().blocks[before:]
+        cotangent = torch.randn(self.ref.shape, generator=torch.Generator().manual_seed(3))
+        (self.out * cotangent).sum().backward()
+        (self.ref * cotangent).sum().backward()
+
+    def grads(self):
+        """(name, moecc gradient, eager gradient) for every parameter."""
+        return [(name, p.grad, q.grad) for (name, p), q in zip(self.model.named_parameters(), self.twin.parameters())]
+
+
+def router_facts(spec) -> dict:
+    """The family-agnostic router facts of a block's spec, as a dict (what the report shows)."""
+    r = spec.router
+    return dict(score=r.score, top_k=r.top_k, score_after_topk=r.score_after_topk, renormalize=r.renormalize,
+                selection_bias=r.selection_bias, router_bias=r.router_bias, grouped=r.grouped, scale=r.scale)
+
+
+def block_fullgraph(family: str, impl: str):
+    """Compile the first MoE block of a tiny ``family`` model alone with ``fullgraph=True`` (a graph break inside
+    the block fails the compile), run forward and backward beside eager.
+
+    Returns (report records, [(what, moecc value, eager value)] for the output and every gradient).
+    """
+    import copy
+
+    import moecc
+
+    model, _ = build(family, impl)
+    _, block = moe_blocks(model)[0]
+    block.train(True)
+    twin = copy.deepcopy(block)
+    width = next(p for n, p in block.named_parameters() if "router" in n or "gate" in n).shape[-1]
+    x = torch.randn(2, 6, width, generator=torch.Generator().manual_seed(5))
+    x_ref = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    before = len(moecc.report().blocks)
+    torch._dynamo.reset()
+    out, ref = torch.compile(block, backend="moecc", fullgraph=True)(x), twin(x_ref)
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    records = moecc.report().blocks[before:]
+    cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+    (out * cotangent).sum().backward()
+    (ref * cotangent).sum().backward()
+    pairs = [("output", out, ref), ("input grad", x.grad, x_ref.grad)]
+    pairs += [(name, p.grad, q.grad) for (name, p), q in zip(block.named_parameters(), twin.parameters())]
+    return records, pairs
+
+
+def assert_pairs_close(pairs, atol=1e-5, rtol=1e-4) -> None:
+    for what, ours, ref in pairs:
+        if ref is None:
+            assert ours is None or not ours.abs().any(), what
+        else:
+            torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
