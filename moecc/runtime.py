@@ -43,6 +43,7 @@ class SlotLayer:
     pool: object | None = None  # costmodel Pool to choose from; None: current vs a greedy re-plan
     switch_log: list = field(default_factory=list)
     local_placement: object | None = None  # one process: slots are all local, the placement is bookkeeping
+    trace: list = field(default_factory=list)  # per check: mean routed rows per expert per step (all ranks)
 
     @property
     def placement(self):
@@ -145,47 +146,77 @@ def expert_parameter_names(model: torch.nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------------------- switching
 
 
-def _state_tensors(layer: SlotLayer, e: int, optimizers) -> list[tuple[torch.Tensor, str, object]]:
-    """(tensor, what, owner) for expert e's weights, gradients and optimizer state, in a rank-independent order."""
+def _expert_state(layer: SlotLayer, e: int, optimizers) -> list[tuple[str, torch.Tensor | None, object]]:
+    """(key, tensor or None, setter) for expert e's weights, gradients and optimizer state, in a fixed order.
+
+    Keys are the same on every rank; a missing tensor (no gradient, no optimizer state yet) is None and its
+    setter creates it from the host's shape and dtype.
+    """
     out = []
-    if layer.expert_params:
-        params = [(p, None) for p in layer.expert_params[e]]
-    else:
-        params = [(p, e) for p in layer.stacked_params]
-    for p, index in params:
-        out.append((p, "param", index))
-        out.append((p, "grad", index))
-        for opt in optimizers:
-            if any(p is q for g in opt.param_groups for q in g["params"]):
-                out.append((p, ("state", opt), index))
+    params = [(p, None) for p in layer.expert_params[e]] if layer.expert_params else \
+        [(p, e) for p in layer.stacked_params]
+    for i, (p, index) in enumerate(params):
+        def part(t, index=index):
+            return t if index is None or t.dim() == 0 else t[index]
+
+        out.append((f"{i}.param", part(p.data), None))
+        out.append((f"{i}.grad", part(p.grad) if p.grad is not None else None,
+                    lambda shape, dtype, p=p, part=part: part(_set_grad(p))))
+        for j, opt in enumerate(optimizers):
+            if not any(p is q for g in opt.param_groups for q in g["params"]):
+                continue
+            state = opt.state[p]
+            for key in sorted(k for k, v in state.items() if torch.is_tensor(v)) or ["exp_avg", "exp_avg_sq", "step"]:
+                value = state.get(key)
+                out.append((f"{i}.opt{j}.{key}", part(value) if torch.is_tensor(value) else None,
+                            lambda shape, dtype, state=state, key=key, p=p, part=part:
+                            part(_set_state(state, key, p, shape, dtype))))
     return out
 
 
-def _broadcast_expert(layer: SlotLayer, e: int, src_rank: int, optimizers) -> None:
-    """Every rank gets host ``src_rank``'s weights, gradient and optimizer state of expert e."""
+def _set_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _set_state(state: dict, key: str, p: torch.nn.Parameter, shape, dtype) -> torch.Tensor:
+    """Optimizer state created to receive a host's; a stacked parameter's arrives one expert slice at a time."""
+    if not torch.is_tensor(state.get(key)):
+        full = p.shape if p.dim() == len(shape) + 1 else shape
+        state[key] = torch.zeros(full, dtype=dtype, device=p.device)
+    return state[key]
+
+
+def _broadcast_experts(layer: SlotLayer, experts: list[int], src_rank: int, optimizers) -> None:
+    """Every rank gets host ``src_rank``'s weights, gradients and optimizer state of ``experts``.
+
+    One object broadcast says which tensors the host has; then one flat broadcast per dtype moves them all: a
+    switch costs a few collectives, not one per tensor.
+    """
     group = layer.group()
     src = dist.get_global_rank(group, src_rank)
-    for p, what, index in _state_tensors(layer, e, optimizers):
-        if what == "param":
-            view = p.data if index is None else p.data[index]
-            dist.broadcast(view, src=src, group=group)
-        elif what == "grad":
-            meta = [p.grad is not None]
-            dist.broadcast_object_list(meta, src=src, group=group)
-            if meta[0]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.broadcast(p.grad if index is None else p.grad[index], src=src, group=group)
-        else:
-            opt = what[1]
-            state = opt.state[p]
-            meta = [{k: (tuple(v.shape), v.dtype) for k, v in state.items() if torch.is_tensor(v)}]
-            dist.broadcast_object_list(meta, src=src, group=group)
-            for key, (shape, dtype) in sorted(meta[0].items()):
-                if key not in state or not torch.is_tensor(state[key]) or tuple(state[key].shape) != shape:
-                    state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-                t = state[key]
-                dist.broadcast(t if index is None or t.dim() == 0 else t[index], src=src, group=group)
+    entries = [(e, key, t, setter) for e in experts for key, t, setter in _expert_state(layer, e, optimizers)]
+    meta = [[(e, key, tuple(t.shape), t.dtype) for e, key, t, _ in entries if t is not None]]
+    dist.broadcast_object_list(meta, src=src, group=group)
+    present = {(e, key): (shape, dtype) for e, key, shape, dtype in meta[0]}
+    targets = []
+    for e, key, t, setter in entries:
+        if (e, key) not in present:
+            continue
+        shape, dtype = present[(e, key)]
+        if t is None:
+            t = setter(shape, dtype)
+        targets.append(t)
+    for dtype in sorted({t.dtype for t in targets}, key=str):
+        group_ts = [t for t in targets if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group_ts]) if dist.get_rank(group) == src_rank else \
+            torch.empty(sum(t.numel() for t in group_ts), dtype=dtype, device=group_ts[0].device)
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for t in group_ts:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, predicted_gain_s: float = 0.0,
@@ -207,10 +238,9 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
         k = old.layout.slots_per_rank
         hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
         hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
-        for e in range(layer.num_experts):
-            if hosts_new[e] - hosts_old[e]:
-                _broadcast_expert(layer, e, min(hosts_old[e]), optimizers)
-                moved.append(e)
+        moved = [e for e in range(layer.num_experts) if hosts_new[e] - hosts_old[e]]
+        for src in sorted({min(hosts_old[e]) for e in moved}):
+            _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)
         slots, cum = placement_tensors(placement, layer.buffers["replica_slots"].device,
                                        width=layer.buffers["replica_slots"].shape[1])
         layer.buffers["replica_slots"].copy_(slots)
@@ -238,9 +268,10 @@ def consolidate(optimizers=None) -> None:
         if layer.config is None:
             continue
         k = layer.placement.layout.slots_per_rank
-        for e in range(layer.num_experts):
-            host = min(s // k for s, x in enumerate(layer.placement.expert_S) if x == e)
-            _broadcast_expert(layer, e, host, optimizers)
+        host = {e: min(s // k for s, x in enumerate(layer.placement.expert_S) if x == e)
+                for e in range(layer.num_experts)}
+        for src in sorted(set(host.values())):
+            _broadcast_experts(layer, [e for e in host if host[e] == src], src, optimizers)
 
 
 # ----------------------------------------------------------------------------------------------- monitor
@@ -251,6 +282,7 @@ class _Monitor:
     check_every: int
     profile: object
     average: bool
+    switching: bool = True
     steps: int = 0
     last_check: float = field(default_factory=time.perf_counter)
     step_times: list = field(default_factory=list)
@@ -269,9 +301,14 @@ def candidates(layer: SlotLayer, load_E: list[float]):
     """The placements a check chooses from: the layer's pool, else the current one and a greedy re-plan."""
     from moecc.costmodel.greedy import greedy_placement
 
+    from moecc.costmodel.placement import Pool
+    from moecc.costmodel.planner import align_pool
+
     if layer.pool is not None:
         return list(layer.pool.placements)
-    return [layer.placement, greedy_placement(layer.placement.layout, load_E)]
+    # Ranks are interchangeable: relabel the re-plan to keep as many experts where they are as possible.
+    replan = greedy_placement(layer.placement.layout, load_E)
+    return list(align_pool(Pool(layout=layer.placement.layout, placements=(layer.placement, replan))).placements)
 
 
 def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
@@ -287,6 +324,10 @@ def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
     best = min(candidates(layer, per_step), key=lambda p: model.step_s(p, per_step))
     gain = current - model.step_s(best, per_step)
     cost = model.switch_s(layer.placement, best)
+    moves = sum(1 for a, b in zip(layer.placement.expert_S, best.expert_S) if b >= 0 and a != b)
+    if layer.switch_log:  # what switches really cost here beats the profile's guess
+        last = layer.switch_log[-1]
+        cost = max(cost, last.switch_s / max(1, len(last.moved_experts)) * moves)
     if best.expert_S == layer.placement.expert_S or gain * interval_steps <= cost:
         return None
     return best, gain, cost
@@ -294,16 +335,19 @@ def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
 
 def _after_step(monitor: _Monitor, optimizers) -> None:
     monitor.steps += 1
+    if monitor.steps == 1:  # the first step compiles: time windows from the end of it
+        monitor.last_check = time.perf_counter()
     if monitor.steps % monitor.check_every:
         return
     now = time.perf_counter()
-    mean_step = (now - monitor.last_check) / monitor.check_every
+    mean_step = (now - monitor.last_check) / (monitor.check_every - (monitor.steps == monitor.check_every))
     monitor.last_check = now
     for layer in layers():
         if layer.switch_log and layer.switch_log[-1].measured_gain_s is None and monitor.step_times:
             layer.switch_log[-1].measured_gain_s = monitor.step_times[-1] - mean_step
         load = read_loads(layer)
-        choice = decide(layer, load, monitor.check_every, monitor.profile)
+        layer.trace.append([x / monitor.check_every for x in load])
+        choice = decide(layer, load, monitor.check_every, monitor.profile) if monitor.switching else None
         if choice is not None:
             best, gain, cost = choice
             switch(layer, best, optimizers, step=monitor.steps, predicted_gain_s=gain, predicted_cost_s=cost)
@@ -313,16 +357,30 @@ def _after_step(monitor: _Monitor, optimizers) -> None:
 def attach(optimizer: torch.optim.Optimizer, *, average: bool = False, check_every: int = 50,
            switching: bool = True, profile=None):
     """Hook moecc's runtime onto ``optimizer``: gradient upkeep before each step; every ``check_every`` steps
-    after a step, read the loads and switch placement when the cost model says it pays (``switching=False``
-    keeps the placement). ``profile`` is a costmodel ``Profile`` (default: the shipped CPU profile).
+    after a step, read the loads (kept for :func:`save_trace`) and switch placement when the cost model says it
+    pays (``switching=False`` keeps the placement). ``profile`` is a costmodel ``Profile`` (default: the shipped
+    CPU profile).
     Returns the two hook handles.
     """
     from moecc.costmodel.profile import builtin_profile
 
     _attached.append(optimizer)
-    monitor = _Monitor(check_every=check_every, profile=profile or builtin_profile("cpu"), average=average)
+    monitor = _Monitor(check_every=check_every, profile=profile or builtin_profile("cpu"), average=average,
+                       switching=switching)
     pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: sync_expert_grads(average))
-    post = None
-    if switching:
-        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: _after_step(monitor, [optimizer]))
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: _after_step(monitor, [optimizer]))
     return pre, post
+
+
+def save_trace(path: str) -> None:
+    """Write the loads seen at each check as a costmodel trace (one row per check: mean rows per expert per step)."""
+    import json
+
+    recorded = [layer for layer in layers() if layer.trace]
+    if not recorded:
+        raise ValueError("moecc: no load window recorded yet (attach an optimizer and train past check_every)")
+    data = {"num_experts": recorded[0].num_experts,
+            "layers": {layer.path or f"layer{i}": layer.trace for i, layer in enumerate(recorded)
+                       if layer.num_experts == recorded[0].num_experts}}
+    with open(path, "w") as f:
+        json.dump(data, f)

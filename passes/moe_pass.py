@@ -77,7 +77,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
         if reason is None:
-            _register_layer(block, ep, current, candidate, example_inputs, f"moecc_placement_{i}")
+            _register_layer(block, ep, current, candidate, example_inputs, f"moecc_placement_{i}",
+                            options.get("pool"))
             current = candidate
             records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
                                        layout=ep.describe() if ep else "", send_rows=send_rows))
@@ -90,7 +91,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
     return current, records
 
 
-def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, buffer_name):
+def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, buffer_name,
+                    pool=None):
     """Tell the runtime which real parameters are this block's experts, and where its buffers are."""
     from moecc import runtime
     from moecc.backends import ep as ep_mod
@@ -115,4 +117,6 @@ def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModu
                                        d_ffn=max(1, per_expert // (3 * d_model)), config=ep,
                                        expert_params=expert_params if not stacked else [],
                                        stacked_params=stacked, buffers=buffers,
+                                       pool=pool if ep is not None and pool is not None
+                                       and pool.layout == ep.layout else None,
                                        local_placement=None if ep else ep_mod.default_placement(block.spec.num_experts, 1)))

@@ -43,11 +43,11 @@ class SparseMoeBlock(nn.Module):
 
 
 class TinyMoELM(nn.Module):
-    def __init__(self, vocab=256, dim=64, ffn=128, layers=2):
+    def __init__(self, vocab=256, dim=64, ffn=128, layers=2, num_experts=8):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.norms = nn.ModuleList([nn.RMSNorm(dim) for _ in range(layers)])
-        self.moes = nn.ModuleList([SparseMoeBlock(dim, ffn) for _ in range(layers)])
+        self.moes = nn.ModuleList([SparseMoeBlock(dim, ffn, num_experts) for _ in range(layers)])
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens):

@@ -71,7 +71,7 @@ class _FakeEPLayer:
 
     def __init__(self, placement):
         self.config = type("C", (), {"placement": placement})()
-        self.placement, self.pool, self.d_model, self.d_ffn = placement, None, 512, 1024
+        self.placement, self.pool, self.d_model, self.d_ffn, self.switch_log = placement, None, 512, 1024, []
 
 
 def test_decision_switches_to_balance_a_hot_expert_and_stays_when_balanced():
