@@ -84,22 +84,11 @@ def loads(model: moe_zoo.LoopMoE, x_BSD: torch.Tensor) -> list[int]:
     return torch.bincount(experts.flatten(), minlength=len(model.experts)).tolist()
 
 
-def timed(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-def measure(fn_model, x, backward: bool, reps: int, warmup: int) -> float:
+def make_step(fn_model, x, backward: bool):
     if not backward:
         def step():
             with torch.no_grad():
@@ -109,13 +98,27 @@ def measure(fn_model, x, backward: bool, reps: int, warmup: int) -> float:
 
         def step():
             first(fn_model(xg)).sum().backward()
-    return timed(step, reps, warmup)
+    return step
+
+
+def measure_interleaved(steps: dict, reps: int, warmup: int) -> dict[str, float]:
+    """Median ms per row, the rows timed round-robin so that a slow spell of the machine hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, to check the script runs")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "moe_layer.json"))
     args = parser.parse_args(argv)
@@ -149,14 +152,11 @@ def main(argv=None) -> dict:
         load = loads(loop, x)
         case_rows = {}
         for mode, backward in (("forward", False), ("forward+backward", True)):
-            times = {}
-            for name, model in candidates.items():
-                if model is not None:
-                    times[name] = measure(model, x, backward, reps, warmup)
             dense_in = torch.randn(rows, dim)
-            limit_times = {name: measure(m, dense_in, backward, reps, warmup) for name, m in limits.items()}
-            times.update(limit_times)
-            times["dense limit (best)"] = min(limit_times.values())
+            steps = {name: make_step(model, x, backward) for name, model in candidates.items() if model is not None}
+            steps.update({name: make_step(m, dense_in, backward) for name, m in limits.items()})
+            times = measure_interleaved(steps, reps, warmup)
+            times["dense limit (best)"] = min(times[name] for name in limits)
             case_rows[mode] = times
         results["cases"][case] = {"loads": load, "ms": case_rows}
 
