@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .formulas import CostModel
 from .greedy import static_placement
 from .placement import Pool, SlotLayout
-from .planner import PoolPlan, greedy_pool, linear_terms, plan_pool, simulate_online, simulate_pool
+from .planner import PoolPlan, greedy_pool, plan_pool, plan_terms, simulate_online, simulate_pool
 from .workload import window_loads
 
 
@@ -70,8 +70,7 @@ def compare(rows, layout: SlotLayout, K: int, model: CostModel, *, window: int, 
     steps_W = [len(rows[i:i + window]) for i in range(0, len(rows), window)]
     E = len(load_WE[0])
     plan = plan_pool(layout, load_WE, steps_W, K, model, time_limit_s=time_limit_s, use_ilp=use_ilp)
-    kappa, switch_s = linear_terms(model, layout, load_WE)
-    greedy = greedy_pool(layout, load_WE, steps_W, K, kappa, switch_s)[0]
+    greedy = greedy_pool(layout, load_WE, steps_W, K, plan_terms(model, layout, load_WE))[0]
     static = Pool(layout=layout, placements=(static_placement(layout, E),))
     ev = simulate_pool(plan.pool, load_WE, steps_W, model)
     ev_static = simulate_pool(static, load_WE, steps_W, model)

@@ -139,13 +139,6 @@ class CostModel:
         """Seconds to go from ``src`` to ``dst``: weights and optimizer state of every slot whose expert changes."""
         return self.switch_s_of(max(slots_to_refill(src, dst))) if src.expert_S != dst.expert_S else 0.0
 
-    def per_token_s(self, tokens_per_slot: float) -> float:
-        """Marginal seconds per token on the busiest rank around ``tokens_per_slot``: the planner's linear model."""
-        lo, hi = max(1.0, 0.5 * tokens_per_slot), max(2.0, 2.0 * tokens_per_slot)
-        slope = (self.ffn_s(hi) - self.ffn_s(lo)) / (hi - lo)
-        comm = self.passes * (self.a2a_s(hi) - self.a2a_s(lo)) / (hi - lo) if self.ranks > 1 else 0.0
-        return slope + comm
-
 
 def slots_to_refill(src: Placement, dst: Placement) -> list[int]:
     """Per rank, how many slots get an expert they did not hold before (empty targets cost nothing)."""

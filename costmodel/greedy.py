@@ -2,8 +2,8 @@
 
 - ``static_placement``: round-robin expert parallelism, expert e on rank ``e % R``: what every framework does.
 - ``greedy_placement``: SmartMoE's online heuristic, LPT (longest processing time first) with FlexMoE-style
-  replicas: spare slots go to the experts with the most tokens per replica, then replicas are placed hottest
-  first on the least loaded rank that has a free slot and does not hold that expert yet.
+  replicas: spare slots go to the experts too large for one rank's fair share, then replicas are placed
+  hottest first on the least loaded rank that has a free slot and does not hold that expert yet.
 """
 from __future__ import annotations
 
@@ -32,10 +32,13 @@ def static_placement(layout: SlotLayout, num_experts: int) -> Placement:
     return placement_from_ranks(layout, num_experts, ranks)
 
 
-def replica_counts(layout: SlotLayout, load_E: list[float]) -> list[int]:
-    """One replica each, then every spare slot to the expert with the most tokens per replica (at most one per rank)."""
+def replica_counts(layout: SlotLayout, load_E: list[float], *, fill: bool = False) -> list[int]:
+    """One replica each; then spare slots go, hottest per replica first (at most one replica per rank), to experts
+    whose tokens per replica exceed a rank's fair share (``sum(load) / R``): those cannot be balanced whole.
+    ``fill`` hands out every spare slot instead, which balances tokens best but runs more, smaller GEMMs."""
     E = len(load_E)
     check_feasible(layout, E)
+    fair = sum(load_E) / layout.ranks
     count = [1] * E
     heap = [(-load_E[e], e) for e in range(E)]
     heapq.heapify(heap)
@@ -46,19 +49,19 @@ def replica_counts(layout: SlotLayout, load_E: list[float]) -> list[int]:
                 break
         else:
             break
-        if load_E[e] <= 0:
+        if load_E[e] <= 0 or (not fill and load_E[e] / count[e] <= fair):
             break
         count[e] += 1
         heapq.heappush(heap, (-load_E[e] / count[e], e))
     return count
 
 
-def greedy_placement(layout: SlotLayout, load_E: list[float]) -> Placement:
+def greedy_placement(layout: SlotLayout, load_E: list[float], *, fill: bool = False) -> Placement:
     """LPT over replicas on one load vector: each replica takes an equal share of its expert's tokens."""
-    return robust_greedy_placement(layout, [list(load_E)])
+    return robust_greedy_placement(layout, [list(load_E)], fill=fill)
 
 
-def robust_greedy_placement(layout: SlotLayout, load_WE: list[list[float]]) -> Placement:
+def robust_greedy_placement(layout: SlotLayout, load_WE: list[list[float]], *, fill: bool = False) -> Placement:
     """LPT for several scenarios at once: one placement that must serve every load vector in ``load_WE``.
 
     Replicas go to the experts with the highest peak (over scenarios) tokens per replica; a replica's load is a
@@ -68,7 +71,7 @@ def robust_greedy_placement(layout: SlotLayout, load_WE: list[list[float]]) -> P
     """
     E, W = len(load_WE[0]), len(load_WE)
     peak_E = [max(row[e] for row in load_WE) for e in range(E)]
-    count = replica_counts(layout, peak_E)
+    count = replica_counts(layout, peak_E, fill=fill)
     items = sorted(((peak_E[e] / count[e], e) for e in range(E) for _ in range(count[e])), key=lambda t: (-t[0], t[1]))
     rank_load = [[0.0] * W for _ in range(layout.ranks)]
     ranks: list[dict[int, float]] = [{} for _ in range(layout.ranks)]

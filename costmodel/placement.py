@@ -88,6 +88,12 @@ class Placement:
         k = self.layout.slots_per_rank
         return [sum(n_S[r * k:(r + 1) * k]) for r in range(self.layout.ranks)]
 
+    def held_per_rank(self) -> list[int]:
+        """Slots per rank that hold an expert with a positive share (the ones whose GEMMs run)."""
+        k = self.layout.slots_per_rank
+        return [sum(1 for s in range(r * k, (r + 1) * k) if self.expert_S[s] != EMPTY and self.share_S[s] > 0)
+                for r in range(self.layout.ranks)]
+
     def replicas(self) -> list[int]:
         count = [0] * self.num_experts
         for e in self.expert_S:

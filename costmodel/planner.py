@@ -2,25 +2,32 @@
 
 Planning model (linear, exact for the ILP and for the brute-force check in the tests). A scenario w is one
 window of the trace: its mean load ``L[w][e]`` and the steps it stands for. Under placement k, rank r carries
-``N[k][r][w] = sum_e L[w][e] g[k][r][e]`` tokens, ``g`` being the share of expert e's tokens on rank r. Step time
-is ``kappa * max_r N + const``: both the slowest rank's compute and the all-to-all (set by the busiest receiver)
-grow with the busiest rank's tokens, ``kappa`` is their marginal seconds per token (from the compiled formulas, at
-the workload's operating point). The runtime runs the best pool member per window; changing member costs
-``switch_s``. So the pool's value is::
+``N[k][r][w] = sum_e L[w][e] g[k][r][e]`` tokens, ``g`` being the share of expert e's tokens on rank r, and holds
+``occ[k][r]`` experts. The compiled formulas, linearised at the workload's operating point (``PlanTerms``), give
+the step time above its constant part as::
 
-    min  sum_w p_w * kappa * T_w  +  switch_s / steps * (number of switches)
+    max_r (kappa_c N + beta occ)  +  kappa_n max_r N
+
+the slowest rank's compute (seconds per token, plus a fixed ``beta`` per held slot: its weights are read and its
+GEMMs launched whatever its rows) and the all-to-all, which ends when the busiest receiver does. ``beta`` is
+what keeps the planner from filling every spare slot with replicas that each cost a small, inefficient GEMM. The
+runtime runs the best pool member per window; changing member costs ``switch_s``. So the pool's value is::
+
+    min  sum_w p_w (C_w + kappa_n T_w)  +  switch_s / steps * (number of switches)
 
 ILP over plans k, ranks r, experts e, scenarios w:
 
 - ``y[k,r,e]`` binary: rank r of plan k holds e (one slot); ``sum_e y <= slots_per_rank``. Slots are aggregated per
   rank: which slot of the rank holds e does not change the step time, so it is chosen afterwards (``align_pool``).
 - ``g[k,r,e]`` in [0, y]: the share; ``sum_r g[k,r,e] = 1`` (replicas of hot experts are the ``y`` beyond one).
-- ``T_w >= N[k,r,w] - M_w (1 - a[w,k])``, ``a[w,k]`` binary with ``sum_k a = 1``: the makespan linearised, the
-  member chosen per window; ``M_w`` is the window's total load (no rank can exceed it).
+- ``C_w >= kappa_c N[k,r,w] + beta sum_e y[k,r,e] - M_w (1 - a[w,k])`` and ``T_w >= N[k,r,w] - M'_w (1 - a[w,k])``,
+  ``a[w,k]`` binary with ``sum_k a = 1``: the two makespans linearised, the member chosen per window; the M are
+  the largest values a rank can reach (the window's total load, a full rank of slots).
 - ``s[t,k] >= a[t,k] - a[t+1,k]``: counts switches between consecutive windows.
 - Symmetry: ranks within a plan are ordered by their load on the mean scenario, and plan k is first used after
   plan k-1 (``a[w,k] <= sum_{w'<w} a[w',k-1]``): interchangeable ranks and plans otherwise multiply the search.
-- ``T_w >= total_w / R``: valid for any member, and the root bound the big-M rows alone cannot give.
+- ``T_w >= total_w / R`` and ``C_w >= (kappa_c total_w + beta E) / R``: valid for any member (the busiest rank
+  carries at least the mean), and the root bound the big-M rows alone cannot give.
 
 Loads are normalised by the balanced rank load so that CBC's tolerances see numbers near 1. CBC runs with a time
 limit; whatever it holds then (at worst the warm start) is returned with its gap. ``plan_pool`` is the entry
@@ -65,8 +72,38 @@ class PoolPlan:
 
 # -- the planning model -------------------------------------------------------------------------------------------
 
-def rank_makespan(placement: Placement, load_E: list[float]) -> float:
-    return max(placement.tokens_per_rank(load_E))
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlanTerms:
+    """The planning model's coefficients (seconds): per token of compute on a rank, per held slot, per token of
+    the busiest rank's all-to-all traffic, and what the ILP charges per switch."""
+
+    compute_per_token_s: float
+    per_slot_s: float
+    comm_per_token_s: float
+    switch_s: float
+
+
+def plan_terms(model: CostModel, layout: SlotLayout, load_WE: list[list[float]]) -> PlanTerms:
+    """Linearise the compiled formulas around a slot holding one expert's mean load.
+
+    ``t_ffn(n) ~ per_slot_s + compute_per_token_s * n`` by the secant between half and twice that load; the
+    all-to-all's slope likewise. The switch charge assumes a whole rank's slots are refilled: the worst case, so
+    a pool only switches when it pays for itself even then; reports use the real moves of the chosen pool.
+    """
+    n_bar = max(1.0, sum(sum(row) for row in load_WE) / len(load_WE) / len(load_WE[0]))
+    lo, hi = 0.5 * n_bar, 2.0 * n_bar
+    slope = (model.ffn_s(hi) - model.ffn_s(lo)) / (hi - lo)
+    comm = model.passes * (model.a2a_s(hi) - model.a2a_s(lo)) / (hi - lo) if model.ranks > 1 else 0.0
+    return PlanTerms(compute_per_token_s=slope, per_slot_s=max(0.0, model.ffn_s(n_bar) - slope * n_bar),
+                     comm_per_token_s=comm, switch_s=model.switch_s_of(layout.slots_per_rank))
+
+
+def plan_step_s(placement: Placement, load_E: list[float], terms: PlanTerms) -> float:
+    """The planning model's step seconds (above the constant part) of one placement on one load vector."""
+    N_R = placement.tokens_per_rank(load_E)
+    occ_R = placement.held_per_rank()
+    compute = max(terms.compute_per_token_s * n + terms.per_slot_s * o for n, o in zip(N_R, occ_R))
+    return compute + terms.comm_per_token_s * max(N_R)
 
 
 def best_assignment(cost_WK: list[list[float]], steps_W: list[int], switch_s: list[list[float]] | float
@@ -93,22 +130,13 @@ def best_assignment(cost_WK: list[list[float]], steps_W: list[int], switch_s: li
     return total / sum(steps_W), path[::-1]
 
 
-def planning_objective(pool: Pool, load_WE: list[list[float]], steps_W: list[int], kappa: float,
-                       switch_s: float) -> float:
+def planning_objective(pool: Pool, load_WE: list[list[float]], steps_W: list[int], terms: PlanTerms) -> float:
     """The ILP's objective evaluated for any pool (greedy, brute force, ...): seconds per step above the constant."""
-    cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
-    return best_assignment(cost, steps_W, switch_s)[0]
+    return best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)[0]
 
 
-def linear_terms(model: CostModel, layout: SlotLayout, load_WE: list[list[float]]) -> tuple[float, float]:
-    """``kappa`` (seconds per token on the busiest rank) and the switch cost the ILP charges per switch.
-
-    The switch charge assumes a whole rank's slots are refilled: the worst case, so a pool only switches when it
-    pays for itself even then; the reported numbers use the real moves of the chosen pool.
-    """
-    mean_tokens = sum(sum(row) for row in load_WE) / len(load_WE)
-    kappa = model.per_token_s(mean_tokens / layout.num_slots)
-    return kappa, model.switch_s_of(layout.slots_per_rank)
+def _cost_WK(pool: Pool, load_WE: list[list[float]], terms: PlanTerms) -> list[list[float]]:
+    return [[plan_step_s(p, load_E, terms) for p in pool.placements] for load_E in load_WE]
 
 
 # -- pools from the greedy: warm start, fallback, baseline ------------------------------------------------------
@@ -138,8 +166,8 @@ def _mean_load(load_WE: list[list[float]], steps_W: list[int], members: list[int
     return [sum(load_WE[w][e] * steps_W[w] for w in members) / total for e in range(len(load_WE[0]))]
 
 
-def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, kappa: float,
-                switch_s: float) -> tuple[Pool, list[int]]:
+def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int,
+                terms: PlanTerms) -> tuple[Pool, list[int]]:
     """K LPT placements, one per group of similar windows, regrouped by which member serves each window best."""
     group = _kmeans_groups(load_WE, K)
     pool = None
@@ -148,97 +176,110 @@ def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[in
         placements = tuple(greedy_placement(layout, _mean_load(load_WE, steps_W, [w for w, g in enumerate(group) if g == k]))
                            for k in used)
         pool = Pool(layout=layout, placements=placements)
-        cost = [[kappa * rank_makespan(p, load_E) for p in placements] for load_E in load_WE]
-        _, regroup = best_assignment(cost, steps_W, switch_s)
+        _, regroup = best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)
         if regroup == [used.index(g) for g in group]:
             break
         group = regroup
-    cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
-    return pool, best_assignment(cost, steps_W, switch_s)[1]
+    return pool, best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)[1]
 
 
-def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int]) -> tuple[Placement, ...]:
-    """Per group, the better of LPT on the group's mean load and the multi-scenario LPT on its windows."""
+def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int], terms: PlanTerms) -> tuple[Placement, ...]:
+    """Per group, the best of LPT on the group's mean load and the multi-scenario LPT on its windows, each with
+    replicas only for experts larger than a rank's fair share and with every spare slot filled."""
     members = []
     for k in sorted(set(group)):
         windows = [w for w, g in enumerate(group) if g == k]
         sub, steps = [load_WE[w] for w in windows], [steps_W[w] for w in windows]
-        candidates = (greedy_placement(layout, _mean_load(load_WE, steps_W, windows)), robust_greedy_placement(layout, sub))
-        members.append(min(candidates, key=lambda p: sum(rank_makespan(p, l) * s for l, s in zip(sub, steps))))
+        mean = _mean_load(load_WE, steps_W, windows)
+        candidates = [greedy_placement(layout, mean), greedy_placement(layout, mean, fill=True),
+                      robust_greedy_placement(layout, sub), robust_greedy_placement(layout, sub, fill=True)]
+        members.append(min(candidates, key=lambda p: sum(plan_step_s(p, l, terms) * s for l, s in zip(sub, steps))))
     return tuple(members)
 
 
-def polish_shares(placement: Placement, load_WE: list[list[float]], steps_W: list[int]) -> Placement:
+def polish_shares(placement: Placement, load_WE: list[list[float]], steps_W: list[int], terms: PlanTerms) -> Placement:
     """The best shares for a placement's choice of experts per rank: an LP over the held (rank, expert) pairs.
 
     Exact for that choice (the ILP with its binaries fixed), and small: one variable per occupied slot. The
     LPT heuristics split an expert evenly over its replicas; this is where that split becomes the right one.
     """
     layout, E = placement.layout, placement.num_experts
-    held = sorted({(layout.rank_of(s), e) for s, e in enumerate(placement.expert_S) if e != EMPTY})
     if all(c == 1 for c in placement.replicas()):
         return placement  # one replica each: every share is 1 already
+    held = sorted({(layout.rank_of(s), e) for s, e in enumerate(placement.expert_S) if e != EMPTY})
     W = len(load_WE)
-    scale = sum(sum(row) for row in load_WE) / W / layout.ranks or 1.0
+    scale, a_c, a_n, b = _units(load_WE, layout.ranks, terms)
     p = [s / sum(steps_W) for s in steps_W]
+    lin = pulp.LpAffineExpression
     prob = pulp.LpProblem("moecc_shares", pulp.LpMinimize)
     g = {(r, e): pulp.LpVariable(f"g_{r}_{e}", 0, 1) for r, e in held}
+    C = [pulp.LpVariable(f"C_{w}", 0) for w in range(W)]
     T = [pulp.LpVariable(f"T_{w}", 0) for w in range(W)]
-    prob += pulp.LpAffineExpression([(T[w], p[w]) for w in range(W)])
+    prob += lin([(C[w], p[w]) for w in range(W)] + [(T[w], p[w] * a_n) for w in range(W)])
     for e in range(E):
-        prob += pulp.LpAffineExpression([(g[r, x], 1) for r, x in held if x == e]) == 1
+        prob += lin([(g[r, x], 1) for r, x in held if x == e]) == 1
     for r in range(layout.ranks):
         mine = [x for q, x in held if q == r]
         for w in range(W):
-            prob += pulp.LpAffineExpression([(g[r, x], -load_WE[w][x] / scale) for x in mine] + [(T[w], 1)]) >= 0
+            load = [(g[r, x], -load_WE[w][x] / scale) for x in mine if load_WE[w][x]]
+            prob += lin(load + [(T[w], 1)]) >= 0
+            prob += lin([(v, a_c * c) for v, c in load] + [(C[w], 1)]) >= b * len(mine)
     prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
     if prob.sol_status != pulp.LpSolutionOptimal:
         return placement
     ranks = [[(x, g[r, x].value() or 0.0) for q, x in held if q == r] for r in range(layout.ranks)]
-    ranks = [[(x, f) for x, f in items if f > 1e-9] for items in ranks]
-    return _normalised(layout, E, ranks)
+    return _normalised(layout, E, [[(x, f) for x, f in items if f > 1e-9] for items in ranks])
 
 
-def polish_pool(pool: Pool, assignment: list[int], load_WE: list[list[float]], steps_W: list[int]) -> Pool:
+def polish_pool(pool: Pool, assignment: list[int], load_WE: list[list[float]], steps_W: list[int],
+                terms: PlanTerms) -> Pool:
     """``polish_shares`` for each member over the windows it serves."""
     members = []
     for k, p in enumerate(pool.placements):
         windows = [w for w, a in enumerate(assignment) if a == k]
-        members.append(polish_shares(p, [load_WE[w] for w in windows], [steps_W[w] for w in windows]) if windows else p)
+        members.append(polish_shares(p, [load_WE[w] for w in windows], [steps_W[w] for w in windows], terms)
+                       if windows else p)
     return Pool(layout=pool.layout, placements=tuple(members))
 
 
-def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, kappa: float,
-                   switch_s: float, *, baseline: tuple[Pool, list[int]], time_budget_s: float) -> tuple[Pool, list[int]]:
+def _units(load_WE: list[list[float]], ranks: int, terms: PlanTerms) -> tuple[float, float, float, float]:
+    """Normalisation for CBC: tokens in units of the balanced rank load, seconds in units of its step time.
+
+    Returns (token scale, compute and comm weights summing to 1, per-slot cost in those units)."""
+    scale = sum(sum(row) for row in load_WE) / len(load_WE) / ranks or 1.0
+    per_token = terms.compute_per_token_s + terms.comm_per_token_s
+    return (scale, terms.compute_per_token_s / per_token, terms.comm_per_token_s / per_token,
+            terms.per_slot_s / (per_token * scale))
+
+
+def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, terms: PlanTerms,
+                   *, baseline: tuple[Pool, list[int]], time_budget_s: float) -> tuple[Pool, list[int]]:
     """The planner's warm start: the best pool over several groupings of the windows, never worse than ``baseline``.
 
     Groupings tried: the baseline's, contiguous stretches of time (a drifting hot set), k-means from random starts.
-    Each group gets the better of its LPT and multi-scenario LPT member, then windows regroup by Viterbi once; the
-    winner's shares are then polished by LP (``polish_shares``).
+    Each group gets the best of four LPT variants (``_members_for``), windows regroup by Viterbi once, and the
+    winner's shares are polished by LP (``polish_shares``).
     """
     started = time.perf_counter()
     W = len(load_WE)
     groupings = [list(baseline[1]), [w * min(K, W) // W for w in range(W)]]
     groupings += [_kmeans_groups(load_WE, K, seed=seed) for seed in range(4)]
-    best = (planning_objective(baseline[0], load_WE, steps_W, kappa, switch_s), baseline)
+    best = (planning_objective(baseline[0], load_WE, steps_W, terms), baseline)
     for group in groupings:
         for _ in range(2):
             if time.perf_counter() - started > time_budget_s:
-                return best[1]
-            pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group))
-            cost = [[kappa * rank_makespan(p, load_E) for p in pool.placements] for load_E in load_WE]
-            objective, path = best_assignment(cost, steps_W, switch_s)
+                break
+            pool = Pool(layout=layout, placements=_members_for(layout, load_WE, steps_W, group, terms))
+            objective, path = best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)
             if objective < best[0]:
                 best = (objective, (pool, path))
             if path == [sorted(set(group)).index(g) for g in group]:
                 break
             group = path
-    if best[1] is baseline:
-        return baseline
     pool, path = best[1]
-    polished = polish_pool(pool, path, load_WE, steps_W)
-    cost = [[kappa * rank_makespan(p, load_E) for p in polished.placements] for load_E in load_WE]
-    return polished, best_assignment(cost, steps_W, switch_s)[1]
+    polished = polish_pool(pool, path, load_WE, steps_W, terms)
+    objective, path = best_assignment(_cost_WK(polished, load_WE, terms), steps_W, terms.switch_s)
+    return (polished, path) if objective < best[0] else best[1]
 
 
 # -- the ILP ---------------------------------------------------------------------------------------------------
@@ -252,33 +293,35 @@ def _cbc_bound(log_text: str) -> float | None:
     return None
 
 
-def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, *, kappa: float,
-                   switch_s: float, warm: tuple[Pool, list[int]] | None = None, time_limit_s: float = 10.0,
-                   gap_rel: float = 1e-6, threads: int = 1) -> PoolPlan | None:
+def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, *, terms: PlanTerms,
+                   warm: tuple[Pool, list[int]] | None = None, time_limit_s: float = 10.0, gap_rel: float = 1e-6,
+                   threads: int = 1) -> PoolPlan | None:
     """Solve the pool ILP (module docstring); None when CBC finds no solution in time (the caller falls back)."""
     started = time.perf_counter()
     W, E, R, S = len(load_WE), len(load_WE[0]), layout.ranks, layout.slots_per_rank
     check_feasible(layout, E)
     K = min(K, W)
-    scale = sum(sum(row) for row in load_WE) / W / R or 1.0
+    scale, a_c, a_n, b = _units(load_WE, R, terms)
     L = [[x / scale for x in row] for row in load_WE]
     p = [s / sum(steps_W) for s in steps_W]
     total = [sum(row) for row in L]
     mean = [sum(L[w][e] * p[w] for w in range(W)) for e in range(E)]
-    per_switch = switch_s / (kappa * scale * sum(steps_W))
+    unit_s = (terms.compute_per_token_s + terms.comm_per_token_s) * scale
+    per_switch = terms.switch_s / (unit_s * sum(steps_W))
 
     prob = pulp.LpProblem("moecc_pool", pulp.LpMinimize)
     ks, rs, es, ws = range(K), range(R), range(E), range(W)
     y = {(k, r, e): pulp.LpVariable(f"y_{k}_{r}_{e}", cat="Binary") for k in ks for r in rs for e in es}
     g = {(k, r, e): pulp.LpVariable(f"g_{k}_{r}_{e}", 0, 1) for k in ks for r in rs for e in es}
+    C = {w: pulp.LpVariable(f"C_{w}", 0) for w in ws}
     T = {w: pulp.LpVariable(f"T_{w}", 0) for w in ws}
     a = {(w, k): pulp.LpVariable(f"a_{w}_{k}", cat="Binary") for w in ws for k in ks} if K > 1 else {}
     sw = {(w, k): pulp.LpVariable(f"s_{w}_{k}", 0) for w in range(W - 1) for k in ks} if K > 1 else {}
-    prob += pulp.lpSum(p[w] * T[w] for w in ws) + per_switch * pulp.lpSum(sw.values())
-
     # Expressions are built from (variable, coefficient) lists: PuLP's operator overloading costs ~10x more,
     # which at E=64 x R=64 is most of the time budget.
     lin = pulp.LpAffineExpression
+    prob += lin([(C[w], p[w]) for w in ws] + [(T[w], p[w] * a_n) for w in ws] + [(v, per_switch) for v in sw.values()])
+
     for k in ks:
         for r in rs:
             prob += lin([(y[k, r, e], 1) for e in es]) <= S
@@ -291,28 +334,33 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
                 prob += lin([(g[k, r, e], mean[e]) for e in es if mean[e]]
                             + [(g[k, r + 1, e], -mean[e]) for e in es if mean[e]]) >= 0
             for w in ws:
-                terms = [(g[k, r, e], -L[w][e]) for e in es if L[w][e]] + [(T[w], 1)]
+                load = [(g[k, r, e], -L[w][e]) for e in es if L[w][e]]
+                tokens = load + [(T[w], 1)]
+                compute = [(v, a_c * c) for v, c in load] + [(y[k, r, e], -b) for e in es] + [(C[w], 1)]
                 if K == 1:
-                    prob += lin(terms) >= 0
-                else:  # T_w >= load - total_w (1 - a): only binding for the member that serves w
-                    prob += lin(terms + [(a[w, k], -total[w])]) >= -total[w]
+                    prob += lin(tokens) >= 0
+                    prob += lin(compute) >= 0
+                else:  # only binding for the member that serves w
+                    m_t, m_c = total[w], a_c * total[w] + b * S
+                    prob += lin(tokens + [(a[w, k], -m_t)]) >= -m_t
+                    prob += lin(compute + [(a[w, k], -m_c)]) >= -m_c
     for w in ws:
-        # valid for every member (its busiest rank carries at least the mean), and the one bound the big-M rows
+        # valid for every member (its busiest rank carries at least the mean), and the bound the big-M rows
         # cannot give the LP relaxation: without it the root bound is near 0
         prob += T[w] >= total[w] / R
+        prob += C[w] >= (a_c * total[w] + b * E) / R
     if K > 1:
         for w in ws:
-            prob += pulp.lpSum(a[w, k] for k in ks) == 1
+            prob += lin([(a[w, k], 1) for k in ks]) == 1
             for k in ks:
-                if k == 0:
-                    continue
-                prob += a[w, k] <= pulp.lpSum(a[v, k - 1] for v in range(w))
+                if k:
+                    prob += lin([(a[v, k - 1], 1) for v in range(w)] + [(a[w, k], -1)]) >= 0
         for w in range(W - 1):
             for k in ks:
-                prob += sw[w, k] >= a[w, k] - a[w + 1, k]
+                prob += lin([(sw[w, k], 1), (a[w, k], -1), (a[w + 1, k], 1)]) >= 0
 
     if warm is not None:
-        _set_warm_start(warm, L, y, g, T, a, sw, K, p)
+        _set_warm_start(warm, L, p, (a_c, b), y, g, C, T, a, sw, K)
     log_fd, log_path = tempfile.mkstemp(suffix=".cbc.log")
     os.close(log_fd)
     solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(0.05, time_limit_s), gapRel=gap_rel, threads=threads,
@@ -334,12 +382,10 @@ def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list
         placements.append(_normalised(layout, E, ranks))
     chosen = [max(ks, key=lambda k: a[w, k].value() or 0) for w in ws] if K > 1 else [0] * W
     pool = Pool(layout=layout, placements=tuple(placements[k] for k in sorted(set(chosen))))
-    cost = [[kappa * rank_makespan(q, load_E) for q in pool.placements] for load_E in load_WE]
-    objective, assignment = best_assignment(cost, steps_W, switch_s)
+    objective, assignment = best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)
     optimal = prob.sol_status == pulp.LpSolutionOptimal and "Stopped on time" not in log_text
     cbc_bound = _cbc_bound(log_text)
-    bound = objective if optimal else max(balance_bound(load_WE, steps_W, R, kappa),
-                                          (cbc_bound or 0.0) * kappa * scale)
+    bound = objective if optimal else max(balance_bound(load_WE, steps_W, R, terms), (cbc_bound or 0.0) * unit_s)
     return PoolPlan(pool=pool, assignment=tuple(assignment), objective_s=objective,
                     bound_s=bound, gap=_gap(objective, bound), solve_s=time.perf_counter() - started,
                     status="optimal" if optimal else "time_limit")
@@ -349,9 +395,13 @@ def _gap(objective: float, bound: float) -> float:
     return max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
 
 
-def balance_bound(load_WE: list[list[float]], steps_W: list[int], ranks: int, kappa: float) -> float:
-    """No pool beats perfect balance in every window with no switches: a valid lower bound on the objective."""
-    return kappa * sum(sum(row) / ranks * s for row, s in zip(load_WE, steps_W)) / sum(steps_W)
+def balance_bound(load_WE: list[list[float]], steps_W: list[int], ranks: int, terms: PlanTerms) -> float:
+    """No pool beats perfect balance (tokens and held slots) in every window with no switches: a valid lower
+    bound on the objective."""
+    E = len(load_WE[0])
+    per_window = [(terms.compute_per_token_s * sum(row) + terms.per_slot_s * E) / ranks
+                  + terms.comm_per_token_s * sum(row) / ranks for row in load_WE]
+    return sum(x * s for x, s in zip(per_window, steps_W)) / sum(steps_W)
 
 
 def _normalised(layout: SlotLayout, E: int, ranks: list[list[tuple[int, float]]]) -> Placement:
@@ -363,46 +413,42 @@ def _normalised(layout: SlotLayout, E: int, ranks: list[list[tuple[int, float]]]
     return placement_from_ranks(layout, E, [[(e, f / total[e]) for e, f in items] for items in ranks])
 
 
-def _set_warm_start(warm, L, y, g, T, a, sw, K, p) -> None:
+def _set_warm_start(warm, L, p, weights, y, g, C, T, a, sw, K) -> None:
     """A complete feasible point for CBC: the warm pool, its ranks sorted as the symmetry constraints demand."""
     pool, assignment = warm
+    a_c, b = weights
+    layout = pool.layout
     W, E = len(L), len(L[0])
     mean = [sum(L[w][e] * p[w] for w in range(W)) for e in range(E)]
-    plans = list(pool.placements)
-    while len(plans) < K:
-        plans.append(plans[-1])
-    # plan order must follow first use (symmetry constraint on a)
-    order = []
+    plans = list(pool.placements) + [pool.placements[-1]] * max(0, K - len(pool))
+    order = []  # members numbered by first use, as the symmetry rows on a demand
     for k in assignment:
         if k not in order:
             order.append(k)
     order += [k for k in range(len(plans)) if k not in order]
-    remap = {old: new for new, old in enumerate(order)}
+    shares = []
     for new, old in enumerate(order[:K]):
-        share = [[0.0] * E for _ in range(pool.layout.ranks)]
+        share = [[0.0] * E for _ in range(layout.ranks)]
         for s, (e, f) in enumerate(zip(plans[old].expert_S, plans[old].share_S)):
-            if e != EMPTY:
-                share[pool.layout.rank_of(s)][e] += f
+            if e != EMPTY and f > 0:
+                share[layout.rank_of(s)][e] += f
         share.sort(key=lambda row: -sum(mean[e] * row[e] for e in range(E)))
+        shares.append(share)
         for r, row in enumerate(share):
             for e in range(E):
                 y[new, r, e].setInitialValue(1 if row[e] > 0 else 0)
                 g[new, r, e].setInitialValue(row[e])
-    chosen = [remap[k] for k in assignment]
+    chosen = [order.index(k) for k in assignment]
     for w in range(W):
-        k_share = [[0.0] * E for _ in range(pool.layout.ranks)]
-        plan = plans[order[chosen[w]]]
-        for s, (e, f) in enumerate(zip(plan.expert_S, plan.share_S)):
-            if e != EMPTY:
-                k_share[pool.layout.rank_of(s)][e] += f
-        T[w].setInitialValue(max(sum(L[w][e] * row[e] for e in range(E)) for row in k_share))
-        if K > 1:
-            for k in range(K):
-                a[w, k].setInitialValue(1 if chosen[w] == k else 0)
-    if K > 1:
-        for w in range(W - 1):
-            for k in range(K):
-                sw[w, k].setInitialValue(max(0, (chosen[w] == k) - (chosen[w + 1] == k)))
+        rows = shares[chosen[w]]
+        tokens = [sum(L[w][e] * row[e] for e in range(E)) for row in rows]
+        T[w].setInitialValue(max(tokens))
+        C[w].setInitialValue(max(a_c * t + b * sum(1 for x in row if x > 0) for t, row in zip(tokens, rows)))
+        for k in range(K if K > 1 else 0):
+            a[w, k].setInitialValue(1 if chosen[w] == k else 0)
+    for w in range(W - 1 if K > 1 else 0):
+        for k in range(K):
+            sw[w, k].setInitialValue(max(0, (chosen[w] == k) - (chosen[w + 1] == k)))
 
 
 # -- after the solve: cheap switches -----------------------------------------------------------------------------
@@ -463,26 +509,26 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
     E, R = len(load_WE[0]), layout.ranks
     check_feasible(layout, E)
     check_memory(layout, model)
-    kappa, switch_s = linear_terms(model, layout, load_WE)
-    warm = greedy_pool(layout, load_WE, steps_W, K, kappa, switch_s)
+    terms = plan_terms(model, layout, load_WE)
+    warm = greedy_pool(layout, load_WE, steps_W, K, terms)
     status = "greedy"
     if use_ilp:
-        better = heuristic_pool(layout, load_WE, steps_W, K, kappa, switch_s, baseline=warm,
+        better = heuristic_pool(layout, load_WE, steps_W, K, terms, baseline=warm,
                                 time_budget_s=HEURISTIC_SHARE * time_limit_s)
         status, warm = ("heuristic", better) if better is not warm else (status, warm)
-    warm_obj = planning_objective(warm[0], load_WE, steps_W, kappa, switch_s)
-    bound = balance_bound(load_WE, steps_W, R, kappa)
+    warm_obj = planning_objective(warm[0], load_WE, steps_W, terms)
+    bound = balance_bound(load_WE, steps_W, R, terms)
     result = PoolPlan(pool=warm[0], assignment=tuple(warm[1]), objective_s=warm_obj, bound_s=bound,
                       gap=_gap(warm_obj, bound), solve_s=0.0, status=status)
     if use_ilp:
         left = time_limit_s - (time.perf_counter() - started)
         if min(K, len(load_WE)) * R * E <= MONOLITHIC_MAX_BINARIES:
             # CBC's limit is its own search; model writing, start-up and reading back come on top
-            found = solve_pool_ilp(layout, load_WE, steps_W, K, kappa=kappa, switch_s=switch_s, warm=warm,
+            found = solve_pool_ilp(layout, load_WE, steps_W, K, terms=terms, warm=warm,
                                    time_limit_s=max(0.05, CBC_SHARE * left - 0.1), gap_rel=gap_rel)
         else:
-            found = _solve_per_group(layout, load_WE, steps_W, warm, kappa=kappa, switch_s=switch_s,
-                                     time_limit_s=0.8 * left, gap_rel=gap_rel)
+            found = _solve_per_group(layout, load_WE, steps_W, warm, terms=terms, time_limit_s=0.8 * left,
+                                     gap_rel=gap_rel)
         if found is not None and found.objective_s <= warm_obj * (1 + 1e-9):
             result = found
     return PoolPlan(pool=align_pool(result.pool), assignment=result.assignment, objective_s=result.objective_s,
@@ -495,7 +541,7 @@ def _cbc_floor_s(triples: int) -> float:
 
 
 def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], warm: tuple[Pool, list[int]],
-                     *, kappa: float, switch_s: float, time_limit_s: float, gap_rel: float) -> PoolPlan:
+                     *, terms: PlanTerms, time_limit_s: float, gap_rel: float) -> PoolPlan:
     """One K = 1 ILP per group of windows of the warm pool, warm-started from its member; then windows move to
     their best member."""
     started = time.perf_counter()
@@ -519,7 +565,7 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
         found = None
         if budget >= floor + 0.05:
             t0 = time.perf_counter()
-            found = solve_pool_ilp(layout, sub, steps, 1, kappa=kappa, switch_s=switch_s,
+            found = solve_pool_ilp(layout, sub, steps, 1, terms=terms,
                                    warm=(Pool(layout=layout, placements=(start,)), [0] * len(grp)),
                                    time_limit_s=budget - floor, gap_rel=gap_rel)
             slowdown = max(slowdown, (time.perf_counter() - t0 - (budget - floor)) / floor)
@@ -527,9 +573,8 @@ def _solve_per_group(layout: SlotLayout, load_WE: list[list[float]], steps_W: li
         all_optimal &= found is not None and found.status == "optimal"
         placements.append(found.pool.placements[0] if found is not None else start)
     pool = Pool(layout=layout, placements=tuple(placements))
-    cost = [[kappa * rank_makespan(p, load_E) for p in placements] for load_E in load_WE]
-    objective, path = best_assignment(cost, steps_W, switch_s)
-    bound = balance_bound(load_WE, steps_W, layout.ranks, kappa)
+    objective, path = best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)
+    bound = balance_bound(load_WE, steps_W, layout.ranks, terms)
     return PoolPlan(pool=pool, assignment=tuple(path), objective_s=objective, bound_s=bound, gap=_gap(objective, bound),
                     solve_s=time.perf_counter() - started,
                     status="per_group_optimal" if all_optimal else "time_limit" if solved else "heuristic")
