@@ -14,6 +14,8 @@ one opaque node each, with a fake (shape) implementation and a hand-written back
   tensors (ModuleList experts: no stacking copy per call). ``transpose_w`` means a weight is stored ``[O, I]``
   (``nn.Linear``'s layout, ``y = x @ w.T``); otherwise it is ``[I, O]``. Rows past the last offset are zero.
 - ``moecc::grouped_mm_wgrad(x_NI, dy_NO, offsets_S, transpose_w) -> dw_G..``: the weight gradient, stacked.
+- ``moecc::gather_tokens(x_TD, order_N, inverse_N, k)`` and ``moecc::permute_rows(x_N, index_N, inverse_N)``: the
+  row movements of dispatch and combine, with gather-only backwards (no scatter-add).
 """
 from __future__ import annotations
 
@@ -94,6 +96,69 @@ def _grouped_mm_backward(ctx, dy_NO: Tensor):
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+@torch.library.custom_op("moecc::permute_rows", mutates_args=())
+def permute_rows(x_N: Tensor, index_N: Tensor, inverse_N: Tensor) -> Tensor:
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``.
+
+    An op of its own so that its backward is the gather ``grad[inverse]``: autograd of ``x[index]`` would
+    scatter-add (Inductor emits atomic adds) because it cannot know the index is a permutation.
+    """
+    return x_N.index_select(0, index_N)
+
+
+@permute_rows.register_fake
+def _(x_N: Tensor, index_N: Tensor, inverse_N: Tensor) -> Tensor:
+    return x_N.new_empty((index_N.shape[0], *x_N.shape[1:]))
+
+
+def _permute_setup(ctx, inputs, output) -> None:
+    _, index_N, inverse_N = inputs
+    ctx.save_for_backward(index_N, inverse_N)
+
+
+def _permute_backward(ctx, grad):
+    index_N, inverse_N = ctx.saved_tensors
+    return permute_rows(grad.contiguous(), inverse_N, index_N), None, None
+
+
+permute_rows.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("moecc::gather_tokens", mutates_args=())
+def gather_tokens(x_TD: Tensor, order_N: Tensor, inverse_N: Tensor, top_k: int) -> Tensor:
+    """Routed rows in slot order: row n is token ``order[n] // top_k``. Backward: gather and sum over k."""
+    return x_TD.index_select(0, torch.div(order_N, top_k, rounding_mode="floor"))
+
+
+@gather_tokens.register_fake
+def _(x_TD: Tensor, order_N: Tensor, inverse_N: Tensor, top_k: int) -> Tensor:
+    return x_TD.new_empty((order_N.shape[0], x_TD.shape[1]))
+
+
+@torch.library.custom_op("moecc::sum_token_rows", mutates_args=())
+def sum_token_rows(grad_ND: Tensor, inverse_N: Tensor, top_k: int) -> Tensor:
+    """The backward of :func:`gather_tokens`: each token's k rows, found through the inverse order, summed."""
+    return grad_ND.index_select(0, inverse_N).view(-1, top_k, grad_ND.shape[1]).sum(1)
+
+
+@sum_token_rows.register_fake
+def _(grad_ND: Tensor, inverse_N: Tensor, top_k: int) -> Tensor:
+    return grad_ND.new_empty((grad_ND.shape[0] // top_k, grad_ND.shape[1]))
+
+
+def _gather_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[2])
+    ctx.top_k = inputs[3]
+
+
+def _gather_backward(ctx, grad):
+    (inverse_N,) = ctx.saved_tensors
+    return sum_token_rows(grad.contiguous(), inverse_N, ctx.top_k), None, None, None
+
+
+gather_tokens.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 def _load_device_kernels() -> None:

@@ -101,6 +101,9 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
     def get(node, i):
         return graph.call_function(operator.getitem, (node, i))
 
+    def permute(rows, index, inverse):
+        return graph.call_function(torch.ops.moecc.permute_rows.default, (rows, index, inverse))
+
     # Tokens per expert, counted on the device every step; the runtime reads the sum every N steps.
     counts_E = graph.call_function(torch.histc, (graph.call_method("float", (idx_N,)),),
                                    {"bins": num_experts, "min": 0, "max": num_experts - 1})
@@ -114,7 +117,7 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
         num_slots = ep.layout.num_slots
     sorted_ = graph.call_function(sort_by_slot, (slot_N, num_slots))
     order_N, inverse_N, offsets_S = get(sorted_, 0), get(sorted_, 1), get(sorted_, 2)
-    x_sorted = get(x_TD, graph.call_function(operator.floordiv, (order_N, top_k)))
+    x_sorted = graph.call_function(torch.ops.moecc.gather_tokens.default, (x_TD, order_N, inverse_N, top_k))
     expert_sorted = get(idx_N, order_N)
     if ep is None:
         y_sorted = emit_grouped(graph, block.template, env, x_sorted, offsets_S, expert_sorted)
@@ -125,12 +128,13 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
         x_recv, expert_recv, recv_R = get(exchanged, 0), get(exchanged, 1), get(exchanged, 2)
         local = graph.call_function(sort_by_slot, (expert_recv, num_experts))
         local_order, local_inverse, local_offsets = get(local, 0), get(local, 1), get(local, 2)
-        y_local = emit_grouped(graph, block.template, env, get(x_recv, local_order), local_offsets,
-                               get(expert_recv, local_order))
+        y_local = emit_grouped(graph, block.template, env, permute(x_recv, local_order, local_inverse),
+                               local_offsets, get(expert_recv, local_order))
         rows = graph.call_method("size", (x_sorted, 0))
-        y_sorted = graph.call_function(ep_ops.return_rows, (get(y_local, local_inverse), send_R, recv_R,
-                                                            ep.group_name, rows))
-    y_TKD = graph.call_method("view", (get(y_sorted, inverse_N), -1, top_k, graph.call_method("size", (y_sorted, -1))))
+        y_sorted = graph.call_function(ep_ops.return_rows, (permute(y_local, local_inverse, local_order), send_R,
+                                                            recv_R, ep.group_name, rows))
+    y_TKD = graph.call_method("view", (permute(y_sorted, inverse_N, order_N), -1, top_k,
+                                       graph.call_method("size", (y_sorted, -1))))
     w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
     return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
 
