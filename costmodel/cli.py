@@ -118,7 +118,7 @@ def _print_plan(result, model, args) -> None:
     console.print(per)
 
     summary = Table(title="expected step time (switches included)", show_header=True)
-    for col in ("", "ms / step", "speedup of pool"):
+    for col in ("", "ms / step", "time / planned pool"):
         summary.add_column(col, justify="right")
     pool_s = result.pool_expected_step_s
     summary.add_row("static EP (round robin)", f"{1e3 * result.static_step_s:.3f}", f"{result.static_step_s / pool_s:.2f}x")
@@ -128,8 +128,8 @@ def _print_plan(result, model, args) -> None:
                     f"{result.pool_online_step_s / pool_s:.2f}x")
     console.print(summary)
     console.print(f"planner: {result.plan.status}, {result.plan.solve_s:.2f} s, optimality gap "
-                  f"{100 * result.plan.gap:.1f}% (vs max of CBC bound and perfect balance); {result.switches} switches "
-                  f"costing {1e3 * result.switch_s_total:.2f} ms in all")
+                  f"{100 * result.plan.gap:.1f}% (vs max of CBC bound and perfect balance); switches: {result.switches}, "
+                  f"{1e3 * result.switch_s_total:.2f} ms in all")
 
     # the formulas, symbolic and with this case's numbers, for the busiest slot and rank of window 0
     from .workload import window_loads
