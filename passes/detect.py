@@ -251,6 +251,9 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
                                            path=experts_path, params=pnames,
                                            layouts=_layouts(template) if template else (),
                                            biases=any(p.endswith("bias") for p in pnames)))
+        if error is None and (random := _random_op(own)):
+            error = (f"the block draws random numbers ({random}: router jitter or dropout in training), so its "
+                     "result cannot be reproduced to check a rewrite")
         # Capacity: the router itself counts each expert's tokens in order (Switch's cumsum over the one-hot ids).
         if any(is_call(n, torch.cumsum, "cumsum") and _inside(module_path(n), router_path)
                for n in descendants([topk]) & own):
@@ -272,6 +275,22 @@ def _layouts(template: ExpertTemplate) -> tuple[str, ...]:
         name = ref.role.rsplit(".", 1)[-1] if ref.stacked else ref.role
         seen.setdefault(ref.role, f"{name} {shape}{' (transposed)' if ref.transposed else ''}")
     return tuple(seen.values())
+
+
+_RANDOM = {"uniform_", "normal_", "bernoulli", "bernoulli_", "exponential_", "rand", "randn", "rand_like",
+           "randn_like", "randint", "multinomial"}
+
+
+def _random_op(nodes) -> str | None:
+    """The name of a random op among ``nodes`` (dropout counts only when it is on), or None."""
+    for n in nodes:
+        name = _name(n) if n.op in ("call_function", "call_method") else ""
+        if name in _RANDOM:
+            return name
+        if name in ("dropout", "dropout_") and n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) \
+                and (n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5) or 0) > 0:
+            return name
+    return None
 
 
 def _inside(path: str, block_path: str) -> bool:

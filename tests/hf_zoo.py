@@ -31,14 +31,21 @@ class Logits(torch.nn.Module):
 
 
 class Seq2SeqLogits(torch.nn.Module):
-    """Encoder-decoder logits with the decoder fed the same tokens (Switch Transformers)."""
+    """Encoder-decoder logits with the decoder fed the same tokens (Switch Transformers).
+
+    The attention mask is passed explicitly: without one, the Switch encoder builds it only when not compiling
+    (``if attention_mask is None and not is_torchdynamo_compiling()``) and then indexes ``None``, which Dynamo
+    turns into a graph break at the top of the model.
+    """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, tokens):
-        return self.model(input_ids=tokens, decoder_input_ids=tokens, use_cache=False).logits
+        mask = torch.ones_like(tokens)
+        return self.model(input_ids=tokens, attention_mask=mask, decoder_input_ids=tokens,
+                          decoder_attention_mask=mask, use_cache=False).logits
 
 
 def _config(family: str, s: dict):

@@ -1,0 +1,115 @@
+"""HF transformers MoE families at bench size: eager, stock torch.compile per experts implementation, and moecc.
+
+    python benchmarks/hf_families.py [--families mixtral,gpt_oss] [--reps 3] [--size bench]
+
+Each model (tests/hf_zoo.py, size "bench": hidden 512, expert ffn 1024, 8 experts, top-2, 2 layers, batch 4 x 512
+tokens, fp32, CPU) runs as:
+  eager/<impl>      the HF model as is, experts implementation <impl> ("eager" loop or "grouped_mm")
+  inductor/<impl>   torch.compile(model) (stock Inductor) with that implementation
+  moecc/<impl>      torch.compile(model, backend="moecc") with that implementation
+Switch Transformers has one implementation (its own loop), so three rows. "forward" is inference (no_grad);
+"fwd+bwd" is forward, a sum loss and backward. Median of --reps timed runs after a warm-up (which also compiles).
+Compiled rows list the graphs Dynamo made and its graph breaks. Results: a table on stdout and
+benchmarks/results/hf_families.json. Timings on a shared machine are noisy: compare rows of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import hf_zoo  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hf_families.json")
+
+
+def _timed(fn, reps: int) -> float:
+    fn()  # warm-up (compiles on the first call)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_row(family: str, impl: str, backend: str | None, size: str, reps: int) -> dict:
+    """One row: build the model fresh, optionally compile it, time inference and a training step."""
+    from torch._dynamo.utils import counters
+
+    import moecc
+
+    model, make_input = hf_zoo.build(family, impl, size)
+    tokens = make_input()
+    torch._dynamo.reset()
+    counters.clear()
+    before = len(moecc.report().blocks)
+    runner = model if backend is None else torch.compile(model, backend=backend)
+    compile_start = time.perf_counter()
+
+    def forward():
+        with torch.no_grad():
+            runner(tokens)
+
+    def train_step():
+        runner(tokens).sum().backward()
+
+    row = {"family": family, "impl": impl, "backend": backend or "eager"}
+    row["forward_s"] = _timed(forward, reps)
+    model.zero_grad(set_to_none=True)
+    row["fwd_bwd_s"] = _timed(train_step, reps)
+    row["wall_s"] = time.perf_counter() - compile_start
+    if backend is not None:
+        row["graphs"] = counters["stats"]["unique_graphs"]
+        row["graph_breaks"] = sum(counters["graph_break"].values())
+    if backend == "moecc":
+        records = moecc.report().blocks[before:]
+        row["blocks"] = len(records)
+        row["rewritten"] = sum(r.rewritten for r in records)
+        row["fallbacks"] = sorted({r.outcome for r in records if not r.rewritten})
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| family | row | forward ms | fwd+bwd ms | graphs / breaks | moecc blocks rewritten |",
+             "|---|---|---:|---:|---|---|"]
+    for r in rows:
+        graphs = f"{r['graphs']} / {r['graph_breaks']}" if "graphs" in r else ""
+        blocks = f"{r['rewritten']}/{r['blocks']}" if "blocks" in r else ""
+        lines.append(f"| {r['family']} | {r['backend']}/{r['impl']} | {1e3 * r['forward_s']:.0f} | "
+                     f"{1e3 * r['fwd_bwd_s']:.0f} | {graphs} | {blocks} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(hf_zoo.FAMILIES))
+    parser.add_argument("--backends", default="eager,inductor,moecc")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--size", default="bench", choices=sorted(hf_zoo.SIZES))
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+
+    rows = []
+    for family in args.families.split(","):
+        for impl in hf_zoo.IMPLS[family]:
+            for backend in args.backends.split(","):
+                row = run_row(family, impl, None if backend == "eager" else backend, args.size, args.reps)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(table(rows))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"size": hf_zoo.SIZES[args.size], "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
