@@ -2,10 +2,25 @@
 
 ``torch.compile(model, backend="moecc")`` finds the MoE blocks of a model in its FX graph, rewrites each into
 expert-slot form (route, sort rows by slot, grouped expert FFN, combine) and lowers the rest with Inductor.
-"""
-from moecc.backend import moecc_backend, register
-from moecc.report import Report, report
-from moecc.runtime import attach, consolidate, expert_parameter_names, switch, switch_log, sync_expert_grads
 
-__all__ = ["Report", "attach", "consolidate", "expert_parameter_names", "moecc_backend", "register", "report",
-           "switch", "switch_log", "sync_expert_grads"]
+The names below load on first use, so that ``import moecc.costmodel`` (pure Python: sympy and PuLP) does not pull
+in torch.
+"""
+import importlib
+
+# ``report`` is both a submodule and the function users call: bind the function after the module loads (rich
+# only, no torch), so that the package attribute is the function.
+from moecc.report import Report, report
+
+_EXPORTS = {
+    "moecc_backend": "moecc.backend", "register": "moecc.backend",
+    "attach": "moecc.runtime", "consolidate": "moecc.runtime", "expert_parameter_names": "moecc.runtime",
+    "switch": "moecc.runtime", "switch_log": "moecc.runtime", "sync_expert_grads": "moecc.runtime",
+}
+__all__ = sorted([*_EXPORTS, "Report", "report"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'moecc' has no attribute {name!r}")

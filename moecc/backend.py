@@ -12,7 +12,8 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._inductor.compile_fx import compile_fx
 
-from moecc import capture, report
+from moecc import capture
+from moecc.report import record_blocks
 from moecc.passes.moe_pass import moe_pass
 
 _graph_ids = itertools.count()
@@ -29,7 +30,7 @@ def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     name = f"graph {next(_graph_ids)}"
     if moecc_options.get("rewrite", True):
         gm, records = moe_pass(gm, example_inputs, graph_name=name, options=moecc_options)
-        report.record_blocks(records)
+        record_blocks(records)
     return compile_fx(gm, example_inputs, config_patches=options or None)
 
 
