@@ -1,4 +1,4 @@
-"""``moecc report SCRIPT_OR_MODULE [--html FILE] [--svg FILE] [-- ARGS...]``: run a sample, show what moecc did.
+"""``moecc report [--html FILE] [--svg FILE] SCRIPT_OR_MODULE [ARGS...]``: run a sample, show what moecc did.
 
 The script (a path) or module (a dotted name, run as ``python -m`` would) runs in this process with ``ARGS`` as its
 ``sys.argv[1:]``; every ``torch.compile(..., backend="moecc")`` in it records its MoE blocks, and the report of
@@ -6,6 +6,7 @@ those blocks is printed afterwards, and written as HTML and/or SVG (rich's expor
 """
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
@@ -19,7 +20,8 @@ def add_commands(subparsers) -> None:
                                             "block compiled, its router, experts and weight layout, and whether "
                                             "it was rewritten or why not.")
     rep.add_argument("target", metavar="SCRIPT_OR_MODULE")
-    rep.add_argument("args", nargs="*", help="arguments for the script (after --)")
+    # Everything after the target is the script's (options of ``report`` itself go before the target).
+    rep.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     rep.add_argument("--html", metavar="FILE", help="also write the report as HTML")
     rep.add_argument("--svg", metavar="FILE", help="also write the report as SVG")
     rep.add_argument("--width", type=int, default=160, help="console width for the table (default 160)")
@@ -41,16 +43,17 @@ def run_target(target: str, args: list[str]) -> None:
 
 
 def run_report(args) -> int:
-    import moecc
-    from moecc import report
+    import importlib
 
-    before = len(moecc.report().blocks)
+    report = importlib.import_module("moecc.report")  # the module (``moecc.report`` is also the function)
+
+    before = len(report.report().blocks)
     try:
-        run_target(args.target, args.args)
+        run_target(args.target, [a for i, a in enumerate(args.args) if not (i == 0 and a == "--")])
     except SystemExit as exc:  # a script that calls sys.exit(0) still ran
         if exc.code not in (None, 0):
             raise
-    rep = report.Report(moecc.report().blocks[before:])
+    rep = report.Report(report.report().blocks[before:])
     if not rep.blocks:
         print(f"moecc report: {args.target} compiled no MoE block with backend='moecc'", file=sys.stderr)
     console = report.console(width=args.width)

@@ -1,7 +1,7 @@
 """A Hugging Face Mixtral, built from its config (no download), compiled with backend="moecc".
 
     python samples/hf_mixtral.py [--experts-implementation eager|grouped_mm] [--html report.html]
-    moecc report samples/hf_mixtral.py --svg report.svg        # the same, report exported by the CLI
+    moecc report --svg report.svg samples/hf_mixtral.py       # the same, report exported by the CLI
 
 HF's "eager" experts loop graph-breaks under stock torch.compile; under moecc it is traced whole and both
 implementations become the same expert-slot form. The compiled model's logits and a training step equal eager's.
