@@ -1,6 +1,7 @@
 """``moecc.report()``: what the backend did in this process, one row per MoE block, rendered with rich."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -81,20 +82,20 @@ class Report:
 
     def save_html(self, path: str, width: int = 160) -> None:
         """The report as a standalone HTML page (rich's export), for sharing."""
-        out = console(width)
+        out = console(width, quiet=True)
         out.print(self)
         out.save_html(path)
 
     def save_svg(self, path: str, width: int = 160) -> None:
         """The report as an SVG image (rich's export), for sharing."""
-        out = console(width)
+        out = console(width, quiet=True)
         out.print(self)
         out.save_svg(path, title="moecc report")
 
 
-def console(width: int = 160) -> Console:
-    """A recording console: what is printed to it can be saved as HTML or SVG."""
-    return Console(width=width, record=True)
+def console(width: int = 160, quiet: bool = False) -> Console:
+    """A recording console: what is printed to it can be saved as HTML or SVG (``quiet``: and goes nowhere else)."""
+    return Console(width=width, record=True, file=io.StringIO() if quiet else None)
 
 
 def report() -> Report:

@@ -34,3 +34,22 @@ def test_report_command_fails_when_nothing_was_compiled(tmp_path, capsys):
     script.write_text("x = 1\n")
     assert cli.main(["report", str(script)]) == 1
     assert "compiled no MoE block" in capsys.readouterr().err
+
+
+def test_report_exports_html_and_svg_without_printing(tmp_path, capsys):
+    from moecc.passes.moe_pass import BlockRecord
+    from moecc.passes.spec import ExpertsSpec, MoESpec, RouterSpec
+    from moecc.report import Report
+
+    spec = MoESpec(path="model.layers.0.mlp", form="loop", num_experts=4, router=RouterSpec(score="softmax", top_k=1),
+                   experts=ExpertsSpec(ffn="mlp-relu", weights="modulelist", path="experts", params=("wi.weight",),
+                                       layouts=("wi.weight [32, 16]",)),
+                   notes=["capacity: a token past its expert's capacity is dropped"])
+    report = Report([BlockRecord(spec=spec, outcome="rewritten", graph="graph 0")])
+    report.save_html(str(tmp_path / "r.html"))
+    report.save_svg(str(tmp_path / "r.svg"))
+    assert capsys.readouterr().out == ""
+    html = (tmp_path / "r.html").read_text()
+    for fact in ("model.layers.0.mlp", "E=4", "k=1", "softmax", "mlp-relu", "wi.weight [32, 16]", "capacity"):
+        assert fact in html, fact
+    assert "model.layers.0.mlp" in (tmp_path / "r.svg").read_text().replace("&#160;", " ")
