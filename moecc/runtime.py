@@ -248,11 +248,16 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
         layer.config = replace(layer.config, placement=placement)
     else:
         layer.local_placement = placement
+    elapsed = time.perf_counter() - start
+    if layer.config is not None:
+        # Decisions read this cost back: every rank must see the same number, or they decide apart and hang.
+        cost = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(cost, op=dist.ReduceOp.MAX, group=layer.group())
+        elapsed = float(cost)
     record = SwitchRecord(step=step, layer=layer.path,
                           placement_from=old.experts_per_rank() if old else [],
                           placement_to=placement.experts_per_rank(), predicted_gain_s=predicted_gain_s,
-                          predicted_cost_s=predicted_cost_s, moved_experts=moved,
-                          switch_s=time.perf_counter() - start)
+                          predicted_cost_s=predicted_cost_s, moved_experts=moved, switch_s=elapsed)
     layer.switch_log.append(record)
     return record
 

@@ -50,6 +50,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
 
     options = options or {}
     records = []
+    layers = []  # (runtime layer, its buffers' name prefix)
     current = gm
     example_inputs = concrete_inputs(example_inputs)
     blocks = detect_moe_blocks(gm)
@@ -77,8 +78,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
         if reason is None:
-            _register_layer(block, ep, current, candidate, example_inputs, f"moecc_placement_{i}",
-                            options.get("pool"))
+            layers.append((_runtime_layer(block, ep, current, example_inputs, options.get("pool")),
+                           f"moecc_placement_{i}_"))
             current = candidate
             records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
                                        layout=ep.describe() if ep else "", send_rows=send_rows))
@@ -88,12 +89,26 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
     for name, buf in current.named_buffers():
         if name.endswith("_load_counts"):
             buf.zero_()  # the checks above ran the graph; the monitor counts training steps only
+    _register_layers(layers, current)
     return current, records
 
 
-def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, buffer_name,
-                    pool=None):
-    """Tell the runtime which real parameters are this block's experts, and where its buffers are."""
+def _register_layers(layers, final: fx.GraphModule) -> None:
+    """Hand the runtime each layer with the buffers of the module that will be compiled.
+
+    Each later rewrite worked on a deep copy, so buffers seen while rewriting an earlier block are orphans; look
+    them up by name in the final module.
+    """
+    from moecc import runtime
+
+    buffers = dict(final.named_buffers())
+    for layer, prefix in layers:
+        layer.buffers = {name[len(prefix):]: buf for name, buf in buffers.items() if name.startswith(prefix)}
+        runtime.register(layer)
+
+
+def _runtime_layer(block, ep, original: fx.GraphModule, example_inputs, pool=None):
+    """The runtime's view of a rewritten block: which real parameters are its experts (buffers come later)."""
     from moecc import runtime
     from moecc.backends import ep as ep_mod
 
@@ -108,15 +123,11 @@ def _register_layer(block, ep, original: fx.GraphModule, rewritten: fx.GraphModu
             for e, node in enumerate(ref.nodes):
                 expert_params[e].append(real[node.name])
     stacked = list({id(p): p for p in stacked}.values())
-    buffers = {name[len(buffer_name) + 1:]: buf for name, buf in rewritten.named_buffers()
-               if name.startswith(buffer_name)}
     d_model = int(fake(block.x).shape[-1])
     per_expert = sum(p.numel() for p in expert_params[0]) if not stacked else \
         sum(p[0].numel() for p in stacked if p.dim() >= 3)
-    runtime.register(runtime.SlotLayer(path=block.spec.path, num_experts=block.spec.num_experts, d_model=d_model,
-                                       d_ffn=max(1, per_expert // (3 * d_model)), config=ep,
-                                       expert_params=expert_params if not stacked else [],
-                                       stacked_params=stacked, buffers=buffers,
-                                       pool=pool if ep is not None and pool is not None
-                                       and pool.layout == ep.layout else None,
-                                       local_placement=None if ep else ep_mod.default_placement(block.spec.num_experts, 1)))
+    return runtime.SlotLayer(path=block.spec.path, num_experts=block.spec.num_experts, d_model=d_model,
+                             d_ffn=max(1, per_expert // (3 * d_model)), config=ep,
+                             expert_params=expert_params if not stacked else [], stacked_params=stacked,
+                             pool=pool if ep is not None and pool is not None and pool.layout == ep.layout else None,
+                             local_placement=None if ep else ep_mod.default_placement(block.spec.num_experts, 1))

@@ -88,3 +88,19 @@ def test_decision_switches_to_balance_a_hot_expert_and_stays_when_balanced():
     balanced = [1000.0] * 4
     assert runtime.decide(layer, [x * 50 for x in balanced], 50,
                           moecc.costmodel.profile.builtin_profile("cpu")) is None
+
+
+def test_every_block_of_a_model_counts_its_own_loads():
+    model = zoo.TinyTransformer()
+    compiled = torch.compile(model, backend="moecc")
+    tokens = torch.randint(0, 64, (2, 6))
+    before = len(runtime.layers())
+    compiled(tokens)
+    layers = runtime.layers()[before:]
+    assert [layer.path for layer in layers] == ["moes.0", "moes.1"]
+    h = model.embed(tokens)
+    for norm, moe, layer in zip(model.norms, model.moes, layers):
+        x = norm(h)
+        chosen = moe.router(x.reshape(-1, 16))[2]
+        assert runtime.read_loads(layer) == torch.bincount(chosen.flatten(), minlength=4).tolist()
+        h = h + moe(x)[0]
