@@ -10,7 +10,7 @@ tokens, fp32, CPU) runs as:
 Switch Transformers has one implementation (its own loop), so three rows. "forward" is inference (no_grad);
 "fwd+bwd" is forward, a sum loss and backward. Best of --reps timed runs after a warm-up (which also compiles);
 the median is kept in the JSON.
-Compiled rows list the graphs Dynamo made and its graph breaks. Results: a table on stdout and
+Compiled rows list the graphs Dynamo made and its graph breaks. Every row runs in a fresh process. Results: a table on stdout and
 benchmarks/results/hf_families.json. Timings on a shared machine are noisy: compare rows of one run.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -83,6 +84,15 @@ def run_row(family: str, impl: str, backend: str | None, size: str, reps: int) -
     return row
 
 
+def _row_in_subprocess(family: str, impl: str, backend: str, args) -> dict:
+    """Each row in a fresh process: an earlier row's compiles and checks leave allocator and cache state behind
+    that measurably slow the next row down (up to ~10% here), which would favour whichever row runs first."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", f"{family}/{impl}/{backend}", "--size", args.size,
+           "--reps", str(args.reps), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| family | row | forward ms | fwd+bwd ms | forward CPU ms | fwd+bwd CPU ms | graphs / breaks | "
              "moecc blocks rewritten |", "|---|---|---:|---:|---:|---:|---|---|"]
@@ -102,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--size", default="bench", choices=sorted(hf_zoo.SIZES))
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--row", help="FAMILY/IMPL/BACKEND: run one row in this process (used internally)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared 2-core machine two threads wait on "
                              "each other whenever another job takes a core; 0 keeps torch's default)")
@@ -109,13 +120,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.row:  # one row, in this (fresh) process: print it as JSON
+        family, impl, backend = args.row.split("/")
+        print(json.dumps(run_row(family, impl, None if backend == "eager" else backend, args.size, args.reps)))
+        return 0
     rows = []
     for family in args.families.split(","):
         for impl in hf_zoo.IMPLS[family]:
             for backend in args.backends.split(","):
-                row = run_row(family, impl, None if backend == "eager" else backend, args.size, args.reps)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(_row_in_subprocess(family, impl, backend, args))
+                print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
