@@ -93,9 +93,10 @@ def all_to_all_rows(x: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, gro
     unbacked symbols that the compiled backward could not bind).
     """
     group = dist.distributed_c10d._resolve_process_group(group_name)
-    recv = recv_counts_R.tolist()
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv, send_counts_R.tolist(), group=group)
+    recv, send = recv_counts_R.tolist(), send_counts_R.tolist()
+    # Rows past the sent ones (dropped by a capacity) stay behind; rows past the received ones come back zero.
+    out = x.new_zeros((out_rows, *x.shape[1:])) if out_rows >= 0 else x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out[:sum(recv)], x[:sum(send)].contiguous(), recv, send, group=group)
     return out
 
 

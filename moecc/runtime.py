@@ -262,6 +262,15 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     return record
 
 
+def set_capacity_factor(layer: SlotLayer, factor: float) -> None:
+    """Change a layer's capacity factor at run time (``inf``: dropless); a layer compiled with
+    ``options={"moecc.capacity_factor": ...}`` only. Data, not code: nothing recompiles."""
+    if "capacity_factor" not in layer.buffers:
+        raise ValueError(f"moecc: layer {layer.path!r} was compiled without a capacity; pass "
+                         "options={'moecc.capacity_factor': f} to torch.compile")
+    layer.buffers["capacity_factor"].fill_(float(factor))
+
+
 def consolidate(optimizers=None) -> None:
     """Refresh every rank's copy of every expert (weights, optimizer state) from its first host.
 

@@ -67,7 +67,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
         twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
         send_rows = None
         try:
-            send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep)
+            send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep,
+                                      capacity=options.get("capacity_factor") is not None)
             reason = check_equivalent(current, candidate, example_inputs,
                                       reduce_grads=ep_mod.sum_over_ranks(ep) if ep is not None else None)
         except (RewriteError, TemplateError) as exc:
@@ -89,6 +90,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
     for name, buf in current.named_buffers():
         if name.endswith("_load_counts"):
             buf.zero_()  # the checks above ran the graph; the monitor counts training steps only
+        if name.endswith("_capacity_factor"):
+            buf.fill_(float(options["capacity_factor"]))  # checked dropless; now drop as asked
     _register_layers(layers, current)
     return current, records
 

@@ -115,8 +115,17 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
         slot_N = graph.call_function(ep_ops.choose_slots, (idx_N, top_k, placement["replica_slots"],
                                                            placement["replica_cum"]))
         num_slots = ep.layout.num_slots
-    sorted_ = graph.call_function(sort_by_slot, (slot_N, num_slots))
+    dropped_slot = 0
+    if "capacity_factor" in placement:
+        keep_N = graph.call_function(capacity_mask, (idx_N, top_k, num_experts, placement["capacity_factor"]))
+        # Dropped rows go to one extra slot past the last: sorted to the end, never sent, never computed.
+        slot_N = graph.call_function(torch.where, (keep_N, slot_N, num_slots))
+        w_TK = graph.call_function(operator.mul, (w_TK, graph.call_method("view", (keep_N, -1, top_k))))
+        dropped_slot = 1
+    sorted_ = graph.call_function(sort_by_slot, (slot_N, num_slots + dropped_slot))
     order_N, inverse_N, offsets_S = get(sorted_, 0), get(sorted_, 1), get(sorted_, 2)
+    if dropped_slot:
+        offsets_S = get(offsets_S, slice(0, num_slots))
     x_sorted = graph.call_function(torch.ops.moecc.gather_tokens.default, (x_TD, order_N, inverse_N, top_k))
     expert_sorted = get(idx_N, order_N)
     if ep is None:
@@ -137,6 +146,19 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
                                        graph.call_method("size", (y_sorted, -1))))
     w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
     return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
+
+
+def capacity_mask(idx_N: torch.Tensor, top_k: int, num_experts: int, capacity_factor: torch.Tensor) -> torch.Tensor:
+    """Which routed rows fit their expert's capacity, ``ceil(factor * rows / E)`` on this rank (GShard/Switch).
+
+    Priority as in GShard: every token's first choice before any token's second; within a choice, token order.
+    An infinite factor keeps every row (dropless).
+    """
+    idx_KT = idx_N.view(-1, top_k).t().reshape(-1)
+    onehot_NE = torch.nn.functional.one_hot(idx_KT, num_experts)
+    position_KT = (onehot_NE.cumsum(0) * onehot_NE).sum(1) - 1
+    capacity = torch.ceil(capacity_factor * (idx_N.shape[0] / num_experts))
+    return (position_KT < capacity).view(top_k, -1).t().reshape(-1)
 
 
 def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -205,10 +227,12 @@ def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.
     return graph.call_method("to", (out, t_fake.dtype))
 
 
-def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None) -> None:
+def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None,
+                  capacity: bool = False) -> None:
     """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed).
 
     With ``ep`` (a ``backends.ep.EPConfig``) the experts run where the placement puts them, across ranks.
+    With ``capacity``, rows past their expert's capacity are dropped (the factor is a buffer, see capacity_mask).
     """
     if block.template is None:
         raise RewriteError(block.error or "no expert template")
@@ -229,6 +253,8 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep
         slots, cum = placement_tensors(ep.placement, device)
         buffers = {"replica_slots": slots, "replica_cum": cum}
     buffers["load_counts"] = torch.zeros(block.spec.num_experts, device=device)
+    if capacity:  # infinite while the rewrite is checked against the dropless original; the pass sets it after
+        buffers["capacity_factor"] = torch.tensor(float("inf"), dtype=torch.float64, device=device)
     for key, value in buffers.items():
         gm.register_buffer(f"{buffer_name}_{key}", value)
     old_sources = block.template.sources

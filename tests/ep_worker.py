@@ -193,8 +193,24 @@ def switch_every_3_steps(rank, world, steps: int = 20):
     return facts
 
 
+def capacity_factor(rank, world):
+    """Capacity dropping under EP: each rank drops by its own tokens' counts, as GShard does per device."""
+    model, _ = _pair()
+    compiled = torch.compile(model, backend="moecc", options={"moecc.capacity_factor": 1.0})
+    direction = model.router.gate.weight[0].detach()
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(50 + rank)) + 3.0 * direction / direction.norm()
+    x.requires_grad_(True)
+    out = compiled(x)[0]
+    ref = moe_zoo.gshard_reference(model, x, 1.0)
+    (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x)
+    (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    return {"out": float((out - ref).abs().max()), "grad_x": float((grad_x - grad_ref).abs().max()),
+            "dropping_matters": float((ref - model(x)[0]).abs().max()),
+            "outcome": moecc.report().blocks[-1].outcome}
+
+
 SCENARIOS = {f.__name__: f for f in (equal_single_process, replicated_hot_expert, receives_zero_tokens,
-                                     mismatched_layout, switch_every_3_steps)}
+                                     mismatched_layout, switch_every_3_steps, capacity_factor)}
 
 
 def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,3 +202,21 @@ class DenseMLP(nn.Module):
 
     def forward(self, x):
         return x + self.ffn(self.norm(x))
+
+
+def gshard_reference(model: LoopMoE, x_BSD: torch.Tensor, factor: float) -> torch.Tensor:
+    """Eager MoE with GShard capacity: per expert, first choices of all tokens before second choices."""
+    x = x_BSD.reshape(-1, x_BSD.shape[-1])
+    _, weights, experts = model.router(x)
+    T, K = experts.shape
+    E = len(model.experts)
+    capacity = math.ceil(factor * T * K / E)
+    used = [0] * E
+    out = torch.zeros_like(x)
+    for k in range(K):
+        for t in range(T):
+            e = int(experts[t, k])
+            if used[e] < capacity:
+                used[e] += 1
+                out[t] += weights[t, k] * model.experts[e](x[t:t + 1])[0]
+    return out.view_as(x_BSD)

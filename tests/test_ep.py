@@ -40,7 +40,7 @@ def run_ranks(world: int, scenarios: list[str], tmp_path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return run_ranks(2, ["equal_single_process", "replicated_hot_expert", "receives_zero_tokens",
-                         "switch_every_3_steps", "mismatched_layout"], tmp_path_factory.mktemp("ep2"))
+                         "switch_every_3_steps", "capacity_factor", "mismatched_layout"], tmp_path_factory.mktemp("ep2"))
 
 
 def _assert_switching_matches_one_process(results):
@@ -88,6 +88,14 @@ def test_rank_receiving_no_tokens_works(two_ranks):
         facts = res["receives_zero_tokens"]
         assert facts["only_rank0_experts"]
         assert facts["out"] < 1e-5, (r, facts)
+
+
+def test_capacity_factor_drops_rows_per_rank_as_gshard(two_ranks):
+    for r, res in enumerate(two_ranks):
+        facts = res["capacity_factor"]
+        assert facts["outcome"] == "rewritten"
+        assert facts["dropping_matters"] > 1e-3, "the test input overflows no expert"
+        assert facts["out"] < 1e-5 and facts["grad_x"] < 1e-4, (r, facts)
 
 
 def test_mismatched_layouts_are_refused_on_every_rank(two_ranks):
