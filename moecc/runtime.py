@@ -12,7 +12,8 @@ only hosts compute (and get gradients for) an expert. Training needs one line, `
   to match DDP's averaging of the dense parameters;
 - after each step, every ``check_every`` steps (the commit point between the step and the next forward): the load
   window is summed over ranks, each candidate placement is priced with the cost model, and the layer switches
-  when the predicted saving over the next interval exceeds the predicted switch cost. A switch broadcasts the
+  when the predicted saving over the next interval exceeds the predicted switch cost. Both predictions are
+  corrected by what the last switch really cost and gained (a switch that gained nothing stops further ones). A switch broadcasts the
   weights, gradients and optimizer state of every expert that gains a host from one of its old hosts, then
   rewrites the placement buffers in place.
 
@@ -339,12 +340,24 @@ def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
     gain = current - model.step_s(best, per_step)
     cost = model.switch_s(layer.placement, best)
     moves = sum(1 for a, b in zip(layer.placement.expert_S, best.expert_S) if b >= 0 and a != b)
-    if layer.switch_log:  # what switches really cost here beats the profile's guess
+    if layer.switch_log:  # what switches really cost and gained here beats the profile's guess
         last = layer.switch_log[-1]
         cost = max(cost, last.switch_s / max(1, len(last.moved_experts)) * moves)
+        if last.measured_gain_s is not None and last.predicted_gain_s > 0:
+            gain *= min(1.0, max(0.0, last.measured_gain_s / last.predicted_gain_s))
     if best.expert_S == layer.placement.expert_S or gain * interval_steps <= cost:
         return None
     return best, gain, cost
+
+
+def _slowest_rank(seconds: float) -> float:
+    """The step time every rank agrees on (the slowest rank's): decisions read it, so it must not differ."""
+    group = next((layer.group() for layer in layers() if layer.config is not None), None)
+    if group is None:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value)
 
 
 def _after_step(monitor: _Monitor, optimizers) -> None:
@@ -354,7 +367,7 @@ def _after_step(monitor: _Monitor, optimizers) -> None:
     if monitor.steps % monitor.check_every:
         return
     now = time.perf_counter()
-    mean_step = (now - monitor.last_check) / (monitor.check_every - (monitor.steps == monitor.check_every))
+    mean_step = _slowest_rank((now - monitor.last_check) / (monitor.check_every - (monitor.steps == monitor.check_every)))
     monitor.last_check = now
     for layer in layers():
         if layer.switch_log and layer.switch_log[-1].measured_gain_s is None and monitor.step_times:
