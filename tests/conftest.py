@@ -21,6 +21,9 @@ def compile_and_records(model, *example_args):
     """Compile ``model`` with moecc, run it once, and return (compiled, the report rows that run added)."""
     import moecc
 
+    # Dynamo reuses a graph compiled for another instance of the same class (parameters are graph inputs); a
+    # fresh cache makes every test compile, and so record, its own blocks.
+    torch._dynamo.reset()
     before = len(moecc.report().blocks)
     compiled = torch.compile(model, backend="moecc")
     compiled(*example_args)
