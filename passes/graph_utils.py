@@ -82,10 +82,6 @@ def is_inplace(node: fx.Node) -> bool:
     return False
 
 
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
-
 def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     todo = list(roots)

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from .detect import Block
-from .expert_template import TemplateError, emit_grouped
+from .expert_template import emit_grouped
 from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, numel_key
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
