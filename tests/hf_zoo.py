@@ -9,6 +9,8 @@ deterministic and comparable with eager.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "switch")
@@ -212,3 +214,42 @@ def assert_pairs_close(pairs, atol=1e-5, rtol=1e-4) -> None:
             assert ours is None or not ours.abs().any(), what
         else:
             torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the report must say of every MoE block of a decoder-only HF family at tiny size."""
+
+    name: str
+    router: dict
+    ffn: str
+    layouts: tuple[str, ...]
+    shared: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ("model.model.layers.0.mlp", "model.model.layers.1.mlp")
+
+
+def assert_blocks_report_family(records, family: Family) -> None:
+    """Every block found, rewritten, and described with the family's router, FFN, weights and shared experts."""
+    assert [r.spec.path for r in records] == list(family.paths)
+    assert all(r.rewritten for r in records), [r.outcome for r in records]
+    for r in records:
+        assert r.spec.form == "stacked-loop" and r.spec.num_experts == 4
+        assert router_facts(r.spec) == family.router
+        assert (r.spec.experts.ffn, r.spec.experts.weights) == (family.ffn, "stacked")
+        assert r.spec.shared_experts == family.shared
+        assert list(r.spec.experts.layouts) == list(family.layouts)
+
+
+def assert_grouped_mm_block_equals_eager(family: Family) -> None:
+    """One block with the grouped_mm experts, compiled alone with fullgraph=True: rewritten and equal to eager."""
+    records, pairs = block_fullgraph(family.name, "grouped_mm")
+    assert len(records) == 1 and records[0].rewritten, [r.outcome for r in records]
+    assert records[0].spec.form == "grouped_mm" and router_facts(records[0].spec) == family.router
+    assert_pairs_close(pairs)
+
+
+def assert_whole_grouped_mm_model_equals_eager(family: Family) -> None:
+    c = Compiled(family.name, "grouped_mm")
+    assert [r.spec.path for r in c.records] == list(family.paths) and all(r.rewritten for r in c.records)
+    assert (c.graphs, c.breaks) == (1, 0)
+    assert_pairs_close([("logits", c.out, c.ref), *c.grads()])

@@ -6,29 +6,23 @@ implementation is checked on one block compiled alone with fullgraph=True.
 """
 import pytest
 
-from hf_zoo import Compiled, assert_pairs_close, block_fullgraph, router_facts
+from hf_zoo import (Compiled, Family, assert_blocks_report_family, assert_grouped_mm_block_equals_eager,
+                    assert_pairs_close)
 
 pytest.importorskip("transformers")
 
-FAMILY = "mixtral"
-ROUTER = {'score': 'softmax', 'top_k': 2, 'score_after_topk': False, 'renormalize': True, 'selection_bias': False, 'router_bias': False, 'grouped': False, 'scale': False}
-PATHS = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+FAMILY = Family(name="mixtral", ffn="swiglu",
+                router={'score': 'softmax', 'top_k': 2, 'score_after_topk': False, 'renormalize': True, 'selection_bias': False, 'router_bias': False, 'grouped': False, 'scale': False},
+                layouts=tuple(['gate_up_proj [64, 16]', 'down_proj [16, 32]']))
 
 
 @pytest.fixture(scope="module")
 def eager_impl():
-    return Compiled(FAMILY, "eager")
+    return Compiled(FAMILY.name, "eager")
 
 
 def test_every_block_is_rewritten_and_reported_with_the_family_facts(eager_impl):
-    assert [r.spec.path for r in eager_impl.records] == PATHS
-    assert all(r.rewritten for r in eager_impl.records), [r.outcome for r in eager_impl.records]
-    for r in eager_impl.records:
-        assert r.spec.form == "stacked-loop" and r.spec.num_experts == 4
-        assert router_facts(r.spec) == ROUTER
-        assert (r.spec.experts.ffn, r.spec.experts.weights) == ("swiglu", "stacked")
-        assert r.spec.shared_experts == ()
-        assert list(r.spec.experts.layouts) == ['gate_up_proj [64, 16]', 'down_proj [16, 32]']
+    assert_blocks_report_family(eager_impl.records, FAMILY)
 
 
 def test_one_graph_and_no_graph_break(eager_impl):
@@ -40,7 +34,4 @@ def test_logits_and_every_gradient_equal_eager(eager_impl):
 
 
 def test_grouped_mm_block_has_no_graph_break_and_equals_eager():
-    records, pairs = block_fullgraph(FAMILY, "grouped_mm")
-    assert len(records) == 1 and records[0].rewritten, [r.outcome for r in records]
-    assert records[0].spec.form == "grouped_mm" and router_facts(records[0].spec) == ROUTER
-    assert_pairs_close(pairs)
+    assert_grouped_mm_block_equals_eager(FAMILY)
