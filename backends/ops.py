@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels_cpu
+from . import expert_ffn_cpu, kernels_cpu
 
 
 def _weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
@@ -159,6 +159,76 @@ def _gather_backward(ctx, grad):
 
 
 gather_tokens.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("moecc::expert_ffn", mutates_args=())
+def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor, w1: list[Tensor],
+               w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str,
+               save: bool) -> tuple[Tensor, Tensor]:
+    """The whole routed FFN of a block in one op (see ``expert_ffn_cpu``): ``out[index[n]] += weight[n] *
+    ffn_g(x[index[n]])`` for row n of group g, and with ``save`` the pre-activations for the backward."""
+    return expert_ffn_cpu.expert_ffn(x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, save)
+
+
+@expert_ffn.register_fake
+def _(x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, save):
+    expert_ffn_cpu.check_shapes(x_TD, w1, w3, w2, flags)
+    t2, glu = bool(flags[2]), int(flags[3])
+    ffn = expert_ffn_cpu.ffn_width(w2, t2)
+    d_out = kernels_cpu.group_weight(w2, 0).shape[0 if t2 else 1]
+    width = ffn * (2 if glu else 1)
+    return x_TD.new_empty((x_TD.shape[0], d_out)), x_TD.new_empty((index_N.shape[0] if save else 0, width))
+
+
+@torch.library.custom_op("moecc::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor,
+                        w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str,
+                        saved: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Gradients of :func:`expert_ffn` for x, the row weights and the three weights (in their stored form)."""
+    return expert_ffn_cpu.expert_ffn_backward(grad_TD, x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags,
+                                              activation, saved)
+
+
+@expert_ffn_backward.register_fake
+def _(grad_TD, x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, saved):
+    like = lambda ws: [torch.empty_like(w) for w in ws]
+    return torch.empty_like(x_TD), torch.empty_like(weight_N), like(w1), like(w3), like(w2)
+
+
+def _expert_ffn_setup(ctx, inputs, output) -> None:
+    x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, save = inputs
+    if not save:
+        raise RuntimeError("moecc::expert_ffn was run for training without saving its pre-activations; "
+                           "call it through moecc.backends.ops.routed_ffn")
+    ctx.args = (flags, activation, len(w1), len(w3), len(w2))
+    ctx.set_materialize_grads(False)  # the saved pre-activations get no gradient: no zero tensor for them
+    ctx.save_for_backward(x_TD, index_N, weight_N, offsets_S, *w1, *w3, *w2, output[1])
+
+
+def _expert_ffn_backward(ctx, grad_TD, _grad_saved):
+    flags, activation, n1, n3, n2 = ctx.args
+    x_TD, index_N, weight_N, offsets_S, *rest = ctx.saved_tensors
+    w1, w3, w2, saved = rest[:n1], rest[n1:n1 + n3], rest[n1 + n3:n1 + n3 + n2], rest[n1 + n3 + n2]
+    if grad_TD is None:  # the output took no part in the loss
+        return (None,) * 10
+    dx, dweight, dw1, dw3, dw2 = expert_ffn_backward(grad_TD.contiguous(), x_TD, index_N, weight_N, offsets_S,
+                                                     list(w1), list(w3), list(w2), flags, activation, saved)
+    return dx, None, dweight, None, dw1, dw3, dw2, None, None, None
+
+
+expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup)
+
+
+def routed_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor, w1: list[Tensor],
+               w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str) -> Tensor:
+    """:func:`expert_ffn`'s output, saving pre-activations only when a backward may follow.
+
+    Called from the rewritten graph; AOTAutograd traces it once for inference (nothing requires grad: no saved
+    tensors, no extra writes) and once for training.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, weight_N, *w1, *w3, *w2))
+    return expert_ffn(x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, needs_grad)[0]
 
 
 def _load_device_kernels() -> None:

@@ -44,7 +44,8 @@ class Report:
             weights = "; ".join(s.experts.layouts) if s.experts else ""
             style = "green" if b.rewritten else "yellow"
             spec = "; ".join([s.summary(), *s.notes])
-            row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{b.outcome}[/]"]
+            outcome = f"{b.outcome} ({b.kernel})" if getattr(b, "kernel", "") else b.outcome
+            row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{outcome}[/]"]
             if parallel:
                 row += [getattr(b, "layout", ""), str(getattr(b, "send_rows", None) or "")]
             table.add_row(*row)

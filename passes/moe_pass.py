@@ -14,6 +14,7 @@ from torch import fx
 from .detect import detect_moe_blocks
 from .graph_utils import fake
 from .expert_template import TemplateError
+from .ffn_match import FusedFFN, match_fused_ffn
 from .rewrite_slots import RewriteError, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent
@@ -32,6 +33,7 @@ class BlockRecord:
     outcome: str  # "rewritten" or "fallback: <reason>"
     graph: str  # the Dynamo graph it was found in
     check_s: float = 0.0
+    kernel: str = ""  # how the experts run: "fused glu-silu" (one moecc::expert_ffn) or "grouped GEMM"
     layout: str = ""  # expert parallelism: the expert in each slot, per rank
     send_rows: list[int] | None = None  # rows this rank sent to each rank on the example step
 
@@ -62,19 +64,13 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
         ep = ep_mod.resolve(options, block.spec.num_experts)
         if ep is not None:
             ep_mod.check_same_on_all_ranks(ep, block.spec.path)  # raises on every rank, before any all-to-all
-        candidate = copy.deepcopy(current)
-        # The copy has its own nodes: find this block again there (detection is deterministic).
-        twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
-        send_rows = None
-        try:
-            send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep,
-                                      capacity=options.get("capacity_factor") is not None)
-            reason = check_equivalent(current, candidate, example_inputs,
-                                      reduce_grads=ep_mod.sum_over_ranks(ep) if ep is not None else None)
-        except (RewriteError, TemplateError) as exc:
-            reason = str(exc)
-        except Exception as exc:  # an unexpected failure must cost a fallback, never a wrong model
-            reason = f"internal error: {type(exc).__name__}: {exc}"
+        ffn = None
+        if ep is None and options.get("fused_ffn", True) and block.template is not None:
+            ffn = match_fused_ffn(block.template)
+        candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, ffn)
+        if reason is not None and ffn is not None:  # the fused op is an optimisation: retry on the lifted template
+            candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, None)
+            ffn = None
         if ep is not None:
             reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
@@ -83,6 +79,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
                            f"moecc_placement_{i}_"))
             current = candidate
             records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
+                                       kernel=ffn.kind if ffn is not None else "grouped GEMM",
                                        layout=ep.describe() if ep else "", send_rows=send_rows))
         else:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {reason}", graph=graph_name,
@@ -94,6 +91,35 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             buf.fill_(float(options["capacity_factor"]))  # checked dropless; now drop as asked
     _register_layers(layers, current)
     return current, records
+
+
+def _rewrite_and_check(current: fx.GraphModule, block, example_inputs, i: int, ep, options: dict, ffn):
+    """(rewritten copy of ``current``, None or the reason it was rejected, rows sent per rank)."""
+    from moecc.backends import ep as ep_mod
+
+    candidate = copy.deepcopy(current)
+    # The copy has its own nodes: find this block again there (detection is deterministic).
+    twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
+    twin_ffn = _same_ffn(ffn, block, twin) if ffn is not None else None
+    send_rows = None
+    try:
+        send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep,
+                                  capacity=options.get("capacity_factor") is not None, ffn=twin_ffn)
+        reason = check_equivalent(current, candidate, example_inputs,
+                                  reduce_grads=ep_mod.sum_over_ranks(ep) if ep is not None else None)
+    except (RewriteError, TemplateError) as exc:
+        reason = str(exc)
+    except Exception as exc:  # an unexpected failure must cost a fallback, never a wrong model
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+    return candidate, reason, send_rows
+
+
+def _same_ffn(ffn: FusedFFN, block, twin) -> FusedFFN:
+    """``ffn`` with its weight references moved to the twin block's template (matched by role)."""
+    by_role = {ref.role: ref for ref in twin.template.weights.values()}
+    moved = {name: by_role[getattr(ffn, name).role] if getattr(ffn, name) is not None else None
+             for name in ("w1", "w3", "w2")}
+    return FusedFFN(activation=ffn.activation, flags=ffn.flags, **moved)
 
 
 def _register_layers(layers, final: fx.GraphModule) -> None:

@@ -22,6 +22,7 @@ from torch import fx
 
 from .detect import Block
 from .expert_template import emit_grouped
+from .ffn_match import FusedFFN
 from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, numel_key
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
@@ -81,11 +82,13 @@ def _record(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict[fx.Node, t
     return {n: rec.env[n] for n in wanted if n in rec.env}
 
 
-def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str, fx.Node], ep=None) -> fx.Node:
+def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str, fx.Node], ep=None,
+                  ffn: FusedFFN | None = None) -> fx.Node:
     """Insert the slot-form computation; ``env`` maps x, indices, weights and expert weights to graph nodes.
 
     ``placement`` holds the placement buffers' nodes: ``{"slot_of_expert": [E]}`` on one process, or
     ``{"replica_slots": [E, Rmax], "replica_cum": [E, Rmax]}`` with ``ep`` (a ``backends.ep.EPConfig``).
+    With ``ffn`` (one process), gather, experts and combine are one ``moecc::expert_ffn``.
     Returns out_TD (tokens flattened; the caller restores the original shape).
     """
     from moecc.backends import ep as ep_ops
@@ -126,6 +129,8 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
     order_N, inverse_N, offsets_S = get(sorted_, 0), get(sorted_, 1), get(sorted_, 2)
     if dropped_slot:
         offsets_S = get(offsets_S, slice(0, num_slots))
+    if ffn is not None and ep is None:
+        return _emit_fused_ffn(graph, ffn, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k, permute)
     x_sorted = graph.call_function(torch.ops.moecc.gather_tokens.default, (x_TD, order_N, inverse_N, top_k))
     expert_sorted = get(idx_N, order_N)
     if ep is None:
@@ -148,6 +153,19 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
     return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
 
 
+def _emit_fused_ffn(graph, ffn: FusedFFN, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k, permute):
+    """``out_TD`` from one fused op: row n of the slot order is token ``order[n] // k`` with weight
+    ``w.flatten()[order[n]]`` (a permutation, so its backward is a gather too)."""
+    from moecc.backends import ops
+
+    token_N = graph.call_function(torch.div, (order_N, top_k), {"rounding_mode": "floor"})
+    weight_N = permute(graph.call_method("reshape", (graph.call_method("type_as", (w_TK, x_TD)), -1)), order_N,
+                       inverse_N)
+    weights = [[env[n] for n in ref.nodes] if ref is not None else [] for ref in (ffn.w1, ffn.w3, ffn.w2)]
+    return graph.call_function(ops.routed_ffn, (graph.call_method("contiguous", (x_TD,)), token_N, weight_N,
+                                                offsets_S, *weights, list(ffn.flags), ffn.activation))
+
+
 def capacity_mask(idx_N: torch.Tensor, top_k: int, num_experts: int, capacity_factor: torch.Tensor) -> torch.Tensor:
     """Which routed rows fit their expert's capacity, ``ceil(factor * rows / E)`` on this rank (GShard/Switch).
 
@@ -161,7 +179,8 @@ def capacity_mask(idx_N: torch.Tensor, top_k: int, num_experts: int, capacity_fa
     return (position_KT < capacity).view(top_k, -1).t().reshape(-1)
 
 
-def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+def _standalone(block: Block, weight_node: fx.Node, ffn: FusedFFN | None = None
+                ) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A small graph computing out_TD from (x, indices, weights, expert weights): for the numeric probe."""
     graph = fx.Graph()
     inputs = [block.x, block.indices, weight_node] + sorted(
@@ -172,7 +191,7 @@ def _standalone(block: Block, weight_node: fx.Node) -> tuple[fx.GraphModule, lis
     root.register_buffer("placement", torch.arange(block.spec.num_experts))
     root.register_buffer("load_counts", torch.zeros(block.spec.num_experts))
     out = emit_slot_moe(graph, block, env, {"slot_of_expert": graph.get_attr("placement"),
-                                            "load_counts": graph.get_attr("load_counts")})
+                                            "load_counts": graph.get_attr("load_counts")}, ffn=ffn)
     graph.output(out)
     return fx.GraphModule(root, graph), inputs
 
@@ -186,7 +205,7 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
 
 
-def find_routing(gm: fx.GraphModule, block: Block, inputs):
+def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None = None):
     """(routing weights node, routed output node, position it holds the output from, the expert ids' value on
     ``inputs``), found numerically."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -201,7 +220,7 @@ def find_routing(gm: fx.GraphModule, block: Block, inputs):
               *{n for ref in block.template.weights.values() for n in ref.nodes}}
     values = _record(gm, inputs, wanted)
     for w in weights[:4]:
-        probe, probe_inputs = _standalone(block, w)
+        probe, probe_inputs = _standalone(block, w, ffn)
         with torch.no_grad():
             expected = probe(*[values[n] for n in probe_inputs])
         for out, pos in outputs:
@@ -228,15 +247,16 @@ def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.
 
 
 def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None,
-                  capacity: bool = False) -> None:
+                  capacity: bool = False, ffn: FusedFFN | None = None) -> None:
     """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed).
 
     With ``ep`` (a ``backends.ep.EPConfig``) the experts run where the placement puts them, across ranks.
     With ``capacity``, rows past their expert's capacity are dropped (the factor is a buffer, see capacity_mask).
+    With ``ffn`` (see ``ffn_match``) the experts run as one fused op instead of the lifted template.
     """
     if block.template is None:
         raise RewriteError(block.error or "no expert template")
-    weights, routed, pos, idx_value = find_routing(gm, block, inputs)
+    weights, routed, pos, idx_value = find_routing(gm, block, inputs, ffn)
     graph = gm.graph
     nodes = list(graph.nodes)
     live_users = [u for u in routed.users if nodes.index(u) > pos]
@@ -262,7 +282,7 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep
         placement = {key: graph.get_attr(f"{buffer_name}_{key}") for key in buffers}
         env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
         env.update({block.x: block.x, block.indices: block.indices, "weights": weights})
-        out_TD = emit_slot_moe(graph, block, env, placement, ep)
+        out_TD = emit_slot_moe(graph, block, env, placement, ep, ffn)
         kept = [block.x] + sorted(ancestors([block.x]), key=nodes.index, reverse=True)
         out = _view_like(graph, out_TD, routed, kept)
     for u in live_users:

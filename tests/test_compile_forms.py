@@ -38,14 +38,34 @@ def test_forward_and_backward_equal_eager(compiled_form):
     assert_same_forward_backward(model, compiled, make_input())
 
 
-def test_compiled_model_runs_the_grouped_expert_kernel(compiled_form, monkeypatch):
-    model, compiled, _, make_input, _ = compiled_form
-    calls = []
-    original = kernels_cpu.grouped_mm
-    monkeypatch.setattr(kernels_cpu, "grouped_mm", lambda *a: calls.append(1) or original(*a))
+# Bias-free FFNs run as one fused op; the others (biases here) as grouped GEMMs plus the user's elementwise ops.
+FUSED = {"loop": "fused glu-silu", "stacked-loop": "fused glu-silu", "sorted-histc": "fused glu-silu",
+         "sorted-bincount": "fused glu-silu", "loop-gelu-top1": "grouped GEMM", "dense-masked": "grouped GEMM"}
+
+
+def test_block_reports_how_its_experts_run(compiled_form, request):
+    _, _, records, _, _ = compiled_form
+    assert records[0].kernel == FUSED[request.node.callspec.params["compiled_form"]]
+
+
+def test_compiled_model_runs_the_reported_expert_kernel(compiled_form, monkeypatch):
+    from moecc.backends import expert_ffn_cpu
+
+    model, compiled, records, make_input, _ = compiled_form
+    with torch.no_grad():
+        compiled(make_input())  # compiles the inference graph (its checks call the kernels too)
+    calls = {"grouped": 0, "fused": 0}
+    grouped, fused = kernels_cpu.grouped_mm, expert_ffn_cpu.expert_ffn
+    monkeypatch.setattr(kernels_cpu, "grouped_mm", lambda *a: calls.__setitem__("grouped", calls["grouped"] + 1)
+                        or grouped(*a))
+    monkeypatch.setattr(expert_ffn_cpu, "expert_ffn", lambda *a: calls.__setitem__("fused", calls["fused"] + 1)
+                        or fused(*a))
     with torch.no_grad():
         compiled(make_input())
-    assert len(calls) >= 2  # at least an up and a down projection per block
+    if records[0].kernel.startswith("fused"):
+        assert calls == {"grouped": 0, "fused": 1}
+    else:
+        assert calls["fused"] == 0 and calls["grouped"] >= 2  # at least an up and a down projection
 
 
 def test_router_spec_is_read_from_the_graph():

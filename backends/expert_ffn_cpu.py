@@ -1,0 +1,292 @@
+"""The routed expert FFN as one CPU kernel: gather, GEMMs, activation, weighting and combine, tile by tile.
+
+What the unfused slot form spends beyond its GEMMs on this CPU, measured (d=512, ffn=1024, 8192 routed rows):
+- every [rows, ffn] intermediate (gate, up, activation) is a 32 MB tensor, and glibc serves 32 MB requests
+  with a fresh ``mmap``: first-touch page faults cost 7-8 ms per tensor, more than the elementwise work on it;
+- each elementwise pass over a whole intermediate runs from L3, not from the 2 MB L2.
+Here a tile of at most ``tile_rows`` rows of one expert runs its whole FFN in buffers that fit L2 and are
+allocated once per call; the GEMMs are ``torch.mm(out=)`` (MKL). For training, the pre-activations are kept for
+the backward in one tensor whose memory comes from a small pool (:func:`saved_buffer`), so that it is not
+page-faulted in afresh at every step.
+
+Rows ``offsets[g-1]:offsets[g]`` belong to group g; row n reads token ``index[n]`` and adds
+``weight[n] * ffn_g(x[index[n]])`` to ``out[index[n]]``. Rows past the last offset are not computed.
+
+``flags = [t1, t3, t2, glu]``: ``t*`` is a weight's ``transpose_w`` (stored ``[out, in]``, as ``nn.Linear``);
+``glu`` is 0 for ``act(x w1) w2``, 1 for ``(act(x w1) * x w3) w2``, 2 for a concatenated ``w1 = [gate | up]``,
+3 for ``w1 = [up | gate]``.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from . import cpu_native
+from .kernels_cpu import group_weight
+
+aten = torch.ops.aten
+TILE_BYTES = 4 << 20  # one [tile, ffn] buffer: tiles of 1024 rows at ffn=1024 fp32 keep MKL near its peak
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def _act_forward(name: str, h: Tensor, out: Tensor) -> Tensor:
+    if name == "silu":
+        return aten.silu.out(h, out=out)
+    if name == "relu":
+        return torch.clamp_min(h, 0, out=out)
+    return aten.gelu.out(h, approximate="tanh" if name == "gelu_tanh" else "none", out=out)
+
+
+def _act_backward(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    if name == "silu":
+        return aten.silu_backward.grad_input(grad, h, grad_input=out)
+    if name == "relu":
+        return aten.threshold_backward.grad_input(grad, h, 0, grad_input=out)
+    return aten.gelu_backward.grad_input(grad, h, approximate="tanh" if name == "gelu_tanh" else "none",
+                                         grad_input=out)
+
+
+def ffn_width(w2: list[Tensor], t2: bool) -> int:
+    """The FFN's hidden width, read off the down projection."""
+    w = group_weight(w2, 0)
+    return w.shape[1] if t2 else w.shape[0]
+
+
+_POOL_SIZE = 16  # storages kept: one per MoE layer whose backward is pending, for models up to this depth
+_pool: list[torch.UntypedStorage] = []
+_pool_lock = threading.Lock()
+
+
+def saved_buffer(rows: int, width: int, like: Tensor) -> Tensor:
+    """An uninitialised ``[rows, width]`` tensor for saved pre-activations, on pooled memory where possible.
+
+    A pooled storage is handed out again only when no tensor refers to it any more (its use count is the
+    pool's own reference), so a pending backward, ``retain_graph`` or a user holding the graph keeps it
+    private; the pool is a cache, never a second owner of live data.
+    """
+    nbytes = rows * width * like.element_size()
+    with _pool_lock:
+        free = [st for st in _pool if torch._C._storage_Use_Count(st._cdata) == 1]
+        fits = [st for st in free if st.nbytes() >= nbytes]
+        if fits:
+            storage = min(fits, key=lambda st: st.nbytes())
+        else:
+            storage = torch.empty(nbytes, dtype=torch.uint8, device=like.device).untyped_storage()
+            if free:
+                _pool.remove(free[0])
+            if len(_pool) < _POOL_SIZE:
+                _pool.append(storage)
+        return like.new_empty((0,)).set_(storage, 0, (rows, width), (width, 1))
+
+
+def clear_pool() -> None:
+    """Drop the pooled memory (tensors still using it keep theirs)."""
+    with _pool_lock:
+        _pool.clear()
+
+
+MAX_TILE_ROWS = 1024
+
+
+def tile_rows(ffn: int, dtype: torch.dtype) -> int:
+    """Rows per tile. Below fp32, a group runs as one tile: its weight gradient then comes from one GEMM with
+    fp32 accumulation instead of a sum of per-tile products rounded to the low precision."""
+    if dtype != torch.float32:
+        return 1 << 62
+    return max(64, min(MAX_TILE_ROWS, TILE_BYTES // max(1, ffn * 4)))
+
+
+def _tiles(offsets: list[int], tile: int, rows: int) -> Iterator[tuple[int, int, int]]:
+    """(group, start, end) of each tile: rows of one group, at most ``tile`` of them, split evenly."""
+    if offsets and (offsets[-1] > rows or any(b < a for a, b in zip([0, *offsets], offsets))):
+        raise ValueError(f"expert_ffn: offsets {offsets} are not ascending end offsets into {rows} rows")
+    start = 0
+    for g, end in enumerate(offsets):
+        pieces = -(-(end - start) // tile)
+        for i in range(pieces):
+            yield g, start + (end - start) * i // pieces, start + (end - start) * (i + 1) // pieces
+        start = end
+
+
+def _w(weights: list[Tensor], g: int, transpose_w: bool) -> Tensor:
+    """Group g's weight as the right operand of ``rows @ w``."""
+    w = group_weight(weights, g)
+    return w.t() if transpose_w else w
+
+
+def _offsets(ffn: int, glu: int) -> tuple[int, int]:
+    """Column offsets of the gate and the up projection in a pre-activation row (-1: not gated)."""
+    return {0: (0, -1), 1: (0, ffn), 2: (0, ffn), 3: (ffn, 0)}[glu]
+
+
+def _gate_up(h: Tensor, ffn: int, glu: int) -> tuple[Tensor, Tensor | None]:
+    gate_off, up_off = _offsets(ffn, glu)
+    return h[:, gate_off:gate_off + ffn], (h[:, up_off:up_off + ffn] if up_off >= 0 else None)
+
+
+def _native(activation: str, x: Tensor):
+    return cpu_native.kernels(activation) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+
+
+def _activate(native, activation: str, h: Tensor, ffn: int, glu: int, out: Tensor) -> Tensor:
+    """``act(gate) * up`` (or ``act(h)``) of a tile, into ``out``."""
+    if native is not None:
+        native[0](h, out, h.shape[0], ffn, h.stride(0), *_offsets(ffn, glu))
+        return out
+    gate, up = _gate_up(h, ffn, glu)
+    a = _act_forward(activation, gate, out)
+    return a.mul_(up) if up is not None else a
+
+
+def _first_layer(xg: Tensor, w1, w3, g: int, t1: bool, t3: bool, glu: int, ffn: int, h: Tensor) -> None:
+    if glu == 1:
+        torch.mm(xg, _w(w1, g, t1), out=h[:, :ffn])
+        torch.mm(xg, _w(w3, g, t3), out=h[:, ffn:])
+    else:
+        torch.mm(xg, _w(w1, g, t1), out=h)
+
+
+def _io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int]:
+    w = group_weight(weights, 0)
+    return (w.shape[1], w.shape[0]) if transpose_w else (w.shape[0], w.shape[1])
+
+
+def check_shapes(x_TD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], flags: list[int]) -> None:
+    """Raise ValueError unless the weights chain as ``flags`` say: [D -> F (x2 if concatenated)] then F -> D'."""
+    t1, t3, t2, glu = flags
+    ffn = ffn_width(w2, bool(t2))
+    parts = [(_io(w1, bool(t1)), 2 * ffn if glu in (2, 3) else ffn)]
+    if glu == 1:
+        if not w3:
+            raise ValueError("expert_ffn: glu mode 1 needs an up-projection weight")
+        parts.append((_io(w3, bool(t3)), ffn))
+    for (width_in, width_out), expected in parts:
+        if width_in != x_TD.shape[1] or width_out != expected:
+            raise ValueError(f"expert_ffn: a first-layer weight maps {width_in} -> {width_out}, expected "
+                             f"{x_TD.shape[1]} -> {expected}")
+
+
+def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor, w1: list[Tensor],
+               w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str,
+               save: bool) -> tuple[Tensor, Tensor]:
+    """``out[index[n]] += weight[n] * ffn(x[index[n]])``, and with ``save`` the pre-activations ([0, .] if not)."""
+    check_shapes(x_TD, w1, w3, w2, flags)
+    t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
+    ffn = ffn_width(w2, t2)
+    rows = index_N.shape[0]
+    d_out = group_weight(w2, 0).shape[0 if t2 else 1]
+    out = x_TD.new_zeros((x_TD.shape[0], d_out))
+    width = ffn * (2 if glu else 1)
+    saved = saved_buffer(rows, width, x_TD) if save else x_TD.new_empty((0, width))
+    tile = min(tile_rows(ffn, x_TD.dtype), max(rows, 1))
+    native = _native(activation, x_TD)
+    xb = x_TD.new_empty((tile, x_TD.shape[1]))
+    hb = x_TD.new_empty((tile, width)) if not save else None
+    ab = x_TD.new_empty((tile, ffn))
+    yb = x_TD.new_empty((tile, d_out))
+    for g, s, e in _tiles(offsets_S.tolist(), tile, rows):
+        n = e - s
+        idx = index_N[s:e]
+        xg = torch.index_select(x_TD, 0, idx, out=xb[:n])
+        h = saved[s:e] if save else hb[:n]
+        _first_layer(xg, w1, w3, g, t1, t3, glu, ffn, h)
+        a = _activate(native, activation, h, ffn, glu, ab[:n])
+        y = torch.mm(a, _w(w2, g, t2), out=yb[:n])
+        y.mul_(weight_N[s:e, None])
+        out.index_add_(0, idx, y)
+    return out, saved
+
+
+def _accumulate(dst: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    if first:
+        torch.mm(a, b, out=dst)
+    else:
+        dst.addmm_(a, b)
+
+
+def _grad_like(weights: list[Tensor]) -> list[Tensor]:
+    """Gradient storage in the weights' own form: one stacked tensor, or one tensor per group."""
+    return [torch.empty_like(w) for w in weights]
+
+
+def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor,
+                        w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str,
+                        saved: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Gradients of :func:`expert_ffn` for x, the row weights, and w1, w3, w2 (in the weights' form)."""
+    t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
+    ffn = ffn_width(w2, t2)
+    width = saved.shape[1]
+    dx = torch.zeros_like(x_TD)
+    dweight = torch.zeros_like(weight_N)
+    dw1, dw3, dw2 = _grad_like(w1), _grad_like(w3), _grad_like(w2)
+    tile = min(tile_rows(ffn, x_TD.dtype), max(index_N.shape[0], 1))
+    native = _native(activation, x_TD)
+    xb = x_TD.new_empty((tile, x_TD.shape[1]))
+    gb = x_TD.new_empty((tile, grad_TD.shape[1]))
+    ab = x_TD.new_empty((tile, ffn))
+    dab = x_TD.new_empty((tile, ffn))
+    dhb = x_TD.new_empty((tile, width))
+    dxb = x_TD.new_empty((tile, x_TD.shape[1]))
+    offsets = offsets_S.tolist()
+    started: set[int] = set()
+    for g, s, e in _tiles(offsets, tile, index_N.shape[0]):
+        n = e - s
+        first = g not in started
+        started.add(g)
+        idx = index_N[s:e]
+        xg = torch.index_select(x_TD, 0, idx, out=xb[:n])
+        gg = torch.index_select(grad_TD, 0, idx, out=gb[:n])
+        h = saved[s:e]
+        a = _activate(native, activation, h, ffn, glu, ab[:n])
+        da = torch.mm(gg, _w(w2, g, t2).t(), out=dab[:n])  # y = a @ W2  =>  da = gy @ W2^T
+        dh = dhb[:n]
+        w = weight_N[s:e]
+        if native is not None:
+            native[1](h, da, a, w, dweight[s:e], dh, n, ffn, width, *_offsets(ffn, glu))
+        else:
+            _activation_grads(activation, h, da, a, w, dweight[s:e], dh, ffn, glu)
+        gg.mul_(w[:, None])
+        _accumulate_weight(dw2, g, t2, a, gg, first)
+        dgate, dup = _gate_up(dh, ffn, glu)
+        if glu == 1:
+            _accumulate_weight(dw1, g, t1, xg, dgate, first)
+            _accumulate_weight(dw3, g, t3, xg, dup, first)
+            dxr = torch.mm(dgate, _w(w1, g, t1).t(), out=dxb[:n])
+            dxr.addmm_(dup, _w(w3, g, t3).t())
+        else:
+            _accumulate_weight(dw1, g, t1, xg, dh, first)
+            dxr = torch.mm(dh, _w(w1, g, t1).t(), out=dxb[:n])
+        dx.index_add_(0, idx, dxr)
+    for g in range(len(offsets)):
+        if g not in started:  # an empty group: its weights took no part
+            for grads in (dw1, dw3, dw2):
+                if grads:
+                    group_weight(grads, g).zero_()
+    return dx, dweight, dw1, dw3, dw2
+
+
+def _activation_grads(activation: str, h: Tensor, da: Tensor, a: Tensor, w: Tensor, dweight: Tensor, dh: Tensor,
+                      ffn: int, glu: int) -> None:
+    """The torch-ops twin of ``cpu_native``'s ``glu_backward`` (other dtypes, or no C++ compiler)."""
+    torch.linalg.vecdot(da, a, out=dweight)
+    d = da * w[:, None]
+    gate, up = _gate_up(h, ffn, glu)
+    dgate, dup = _gate_up(dh, ffn, glu)
+    if up is not None:
+        torch.mul(d, _act_forward(activation, gate, torch.empty_like(gate)), out=dup)
+        d.mul_(up)
+    _act_backward(activation, d, gate, dgate)
+
+
+def _accumulate_weight(grads: list[Tensor], g: int, transpose_w: bool, rows_in: Tensor, grad_out: Tensor,
+                       first: bool) -> None:
+    """Add ``rows_in^T @ grad_out`` to group g's weight gradient, in the weight's stored layout."""
+    dst = group_weight(grads, g)
+    if transpose_w:  # stored [out, in]
+        _accumulate(dst, grad_out.t(), rows_in, first)
+    else:
+        _accumulate(dst, rows_in.t(), grad_out, first)
