@@ -4,10 +4,11 @@ What the unfused slot form spends beyond its GEMMs on this CPU, measured (d=512,
 - every [rows, ffn] intermediate (gate, up, activation) is a 32 MB tensor, and glibc serves 32 MB requests
   with a fresh ``mmap``: first-touch page faults cost 7-8 ms per tensor, more than the elementwise work on it;
 - each elementwise pass over a whole intermediate runs from L3, not from the 2 MB L2.
-Here a tile of at most ``tile_rows`` rows of one expert runs its whole FFN in buffers that fit L2 and are
-allocated once per call; the GEMMs are ``torch.mm(out=)`` (MKL). For training, the pre-activations are kept for
-the backward in one tensor whose memory comes from a small pool (:func:`saved_buffer`), so that it is not
-page-faulted in afresh at every step.
+Here a tile (one expert's rows, split only past ``tile_rows``: a whole expert's GEMM is what MKL runs fastest)
+runs its whole FFN in a few workspace buffers; the GEMMs are ``torch.mm(out=)`` (MKL) and the elementwise work
+one fused pass each way (``cpu_native``). For training the pre-activations (gate and up, ``2 * ffn`` per row;
+eager autograd keeps four ``ffn``-wide tensors) are saved for the backward. Workspaces and saved tensors come
+from a small pool (:func:`pooled_empty`), so they are not page-faulted in afresh at every call.
 
 Rows ``offsets[g-1]:offsets[g]`` belong to group g; row n reads token ``index[n]`` and adds
 ``weight[n] * ffn_g(x[index[n]])`` to ``out[index[n]]``. Rows past the last offset are not computed.
@@ -19,7 +20,6 @@ Rows ``offsets[g-1]:offsets[g]`` belong to group g; row n reads token ``index[n]
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from . import cpu_native
 from .kernels_cpu import group_weight
 
 aten = torch.ops.aten
-TILE_BYTES = 4 << 20  # one [tile, ffn] buffer: tiles of 1024 rows at ffn=1024 fp32 keep MKL near its peak
+TILE_BYTES = 16 << 20  # one [tile, ffn] workspace: 4096 rows at ffn=1024 fp32, 292 at ffn=14336
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -56,13 +56,13 @@ def ffn_width(w2: list[Tensor], t2: bool) -> int:
     return w.shape[1] if t2 else w.shape[0]
 
 
-_POOL_SIZE = 16  # storages kept: one per MoE layer whose backward is pending, for models up to this depth
+_POOL_SIZE = 32  # storages kept: a call's workspaces, and one saved tensor per MoE layer awaiting its backward
 _pool: list[torch.UntypedStorage] = []
 _pool_lock = threading.Lock()
 
 
-def saved_buffer(rows: int, width: int, like: Tensor) -> Tensor:
-    """An uninitialised ``[rows, width]`` tensor for saved pre-activations, on pooled memory where possible.
+def pooled_empty(rows: int, width: int, like: Tensor) -> Tensor:
+    """An uninitialised ``[rows, width]`` tensor like ``like``, on pooled memory where possible.
 
     A pooled storage is handed out again only when no tensor refers to it any more (its use count is the
     pool's own reference), so a pending backward, ``retain_graph`` or a user holding the graph keeps it
@@ -89,27 +89,25 @@ def clear_pool() -> None:
         _pool.clear()
 
 
-MAX_TILE_ROWS = 1024
-
-
 def tile_rows(ffn: int, dtype: torch.dtype) -> int:
-    """Rows per tile. Below fp32, a group runs as one tile: its weight gradient then comes from one GEMM with
-    fp32 accumulation instead of a sum of per-tile products rounded to the low precision."""
+    """Most rows per tile. Below fp32, a group runs as one tile: its weight gradient then comes from one GEMM
+    with fp32 accumulation instead of a sum of per-tile products rounded to the low precision."""
     if dtype != torch.float32:
         return 1 << 62
-    return max(64, min(MAX_TILE_ROWS, TILE_BYTES // max(1, ffn * 4)))
+    return max(64, TILE_BYTES // max(1, ffn * 4))
 
 
-def _tiles(offsets: list[int], tile: int, rows: int) -> Iterator[tuple[int, int, int]]:
+def _tiles(offsets: list[int], tile: int, rows: int) -> list[tuple[int, int, int]]:
     """(group, start, end) of each tile: rows of one group, at most ``tile`` of them, split evenly."""
     if offsets and (offsets[-1] > rows or any(b < a for a, b in zip([0, *offsets], offsets))):
         raise ValueError(f"expert_ffn: offsets {offsets} are not ascending end offsets into {rows} rows")
-    start = 0
+    tiles, start = [], 0
     for g, end in enumerate(offsets):
         pieces = -(-(end - start) // tile)
-        for i in range(pieces):
-            yield g, start + (end - start) * i // pieces, start + (end - start) * (i + 1) // pieces
+        tiles += [(g, start + (end - start) * i // pieces, start + (end - start) * (i + 1) // pieces)
+                  for i in range(pieces)]
         start = end
+    return tiles
 
 
 def _w(weights: list[Tensor], g: int, transpose_w: bool) -> Tensor:
@@ -181,14 +179,15 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     d_out = group_weight(w2, 0).shape[0 if t2 else 1]
     out = x_TD.new_zeros((x_TD.shape[0], d_out))
     width = ffn * (2 if glu else 1)
-    saved = saved_buffer(rows, width, x_TD) if save else x_TD.new_empty((0, width))
-    tile = min(tile_rows(ffn, x_TD.dtype), max(rows, 1))
+    saved = pooled_empty(rows, width, x_TD) if save else x_TD.new_empty((0, width))
+    tiles = _tiles(offsets_S.tolist(), tile_rows(ffn, x_TD.dtype), rows)
+    tile = max((e - s for _, s, e in tiles), default=0)
     native = _native(activation, x_TD)
-    xb = x_TD.new_empty((tile, x_TD.shape[1]))
-    hb = x_TD.new_empty((tile, width)) if not save else None
-    ab = x_TD.new_empty((tile, ffn))
-    yb = x_TD.new_empty((tile, d_out))
-    for g, s, e in _tiles(offsets_S.tolist(), tile, rows):
+    xb = pooled_empty(tile, x_TD.shape[1], x_TD)
+    hb = pooled_empty(tile, width, x_TD) if not save else None
+    ab = pooled_empty(tile, ffn, x_TD)
+    yb = pooled_empty(tile, d_out, x_TD)
+    for g, s, e in tiles:
         n = e - s
         idx = index_N[s:e]
         xg = torch.index_select(x_TD, 0, idx, out=xb[:n])
@@ -223,17 +222,18 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
     dx = torch.zeros_like(x_TD)
     dweight = torch.zeros_like(weight_N)
     dw1, dw3, dw2 = _grad_like(w1), _grad_like(w3), _grad_like(w2)
-    tile = min(tile_rows(ffn, x_TD.dtype), max(index_N.shape[0], 1))
-    native = _native(activation, x_TD)
-    xb = x_TD.new_empty((tile, x_TD.shape[1]))
-    gb = x_TD.new_empty((tile, grad_TD.shape[1]))
-    ab = x_TD.new_empty((tile, ffn))
-    dab = x_TD.new_empty((tile, ffn))
-    dhb = x_TD.new_empty((tile, width))
-    dxb = x_TD.new_empty((tile, x_TD.shape[1]))
     offsets = offsets_S.tolist()
+    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), index_N.shape[0])
+    tile = max((e - s for _, s, e in tiles), default=0)
+    native = _native(activation, x_TD)
+    xb = pooled_empty(tile, x_TD.shape[1], x_TD)
+    gb = pooled_empty(tile, grad_TD.shape[1], x_TD)
+    ab = pooled_empty(tile, ffn, x_TD)
+    dab = pooled_empty(tile, ffn, x_TD)
+    dhb = pooled_empty(tile, width, x_TD)
+    dxb = pooled_empty(tile, x_TD.shape[1], x_TD)
     started: set[int] = set()
-    for g, s, e in _tiles(offsets, tile, index_N.shape[0]):
+    for g, s, e in tiles:
         n = e - s
         first = g not in started
         started.add(g)

@@ -130,19 +130,19 @@ def test_weights_that_do_not_chain_are_refused():
         ops.routed_ffn(x, index, weight, offsets, w1, w3, w2, [1, 1, 0, 2], "silu")  # w1 is not [gate | up]
 
 
-def test_saved_buffer_memory_is_reused_only_when_free():
+def test_pooled_memory_is_reused_only_when_free():
     expert_ffn_cpu.clear_pool()
     like = torch.empty(0)
-    first = expert_ffn_cpu.saved_buffer(64, 32, like)
-    second = expert_ffn_cpu.saved_buffer(64, 32, like)
+    first = expert_ffn_cpu.pooled_empty(64, 32, like)
+    second = expert_ffn_cpu.pooled_empty(64, 32, like)
     assert first.data_ptr() != second.data_ptr()  # the first is still alive: never handed out twice
     ptr = first.data_ptr()
     del first
-    third = expert_ffn_cpu.saved_buffer(64, 32, like)
+    third = expert_ffn_cpu.pooled_empty(64, 32, like)
     assert third.data_ptr() == ptr
     view = third[3:5]
     del third
-    assert expert_ffn_cpu.saved_buffer(64, 32, like).data_ptr() != ptr  # a view keeps it alive too
+    assert expert_ffn_cpu.pooled_empty(64, 32, like).data_ptr() != ptr  # a view keeps it alive too
     del view
 
 
