@@ -119,6 +119,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, to check the script runs")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--shape", default="512,1024,8,2,4096",
+                        help="dim,ffn,experts,top_k,tokens (default: the Mixtral-style layer of issue 2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="intra-op threads (1 gives stable numbers on a machine shared with other jobs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.out == parser.get_default("out") and args.threads != (os.cpu_count() or 1):
         args.out = args.out.replace(".json", f"_{args.threads}t.json")
-    dim, ffn, experts, top_k, tokens = (64, 128, 8, 2, 256) if args.quick else (512, 1024, 8, 2, 4096)
+    dim, ffn, experts, top_k, tokens = (64, 128, 8, 2, 256) if args.quick else map(int, args.shape.split(","))
     reps, warmup = (2, 1) if args.quick else (args.reps, 2)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
