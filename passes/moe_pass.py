@@ -65,14 +65,12 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
         if ep is not None:
             ep_mod.check_same_on_all_ranks(ep, block.spec.path)  # raises on every rank, before any all-to-all
         ffn = None
-        if ep is None and options.get("fused_ffn", True) and block.template is not None:
+        if options.get("fused_ffn", True) and block.template is not None:
             ffn = match_fused_ffn(block.template)
         candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, ffn)
         if reason is not None and ffn is not None:  # the fused op is an optimisation: retry on the lifted template
             candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, None)
             ffn = None
-        if ep is not None:
-            reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
         elapsed = time.perf_counter() - start
         if reason is None:
             layers.append((_runtime_layer(block, ep, current, example_inputs, options.get("pool")),
@@ -111,6 +109,8 @@ def _rewrite_and_check(current: fx.GraphModule, block, example_inputs, i: int, e
         reason = str(exc)
     except Exception as exc:  # an unexpected failure must cost a fallback, never a wrong model
         reason = f"internal error: {type(exc).__name__}: {exc}"
+    if ep is not None:
+        reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
     return candidate, reason, send_rows
 
 

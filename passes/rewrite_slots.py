@@ -88,11 +88,11 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
 
     ``placement`` holds the placement buffers' nodes: ``{"slot_of_expert": [E]}`` on one process, or
     ``{"replica_slots": [E, Rmax], "replica_cum": [E, Rmax]}`` with ``ep`` (a ``backends.ep.EPConfig``).
-    With ``ffn`` (one process), gather, experts and combine are one ``moecc::expert_ffn``.
+    With ``ffn``, the experts run as one ``moecc::expert_ffn`` (on one process it also gathers and combines).
     Returns out_TD (tokens flattened; the caller restores the original shape).
     """
     from moecc.backends import ep as ep_ops
-    from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
+    from moecc.backends import ops
 
     sort_by_slot = torch.ops.moecc.sort_by_slot.default
     num_experts, top_k = block.spec.num_experts, block.spec.router.top_k
@@ -142,11 +142,16 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str,
         x_recv, expert_recv, recv_R = get(exchanged, 0), get(exchanged, 1), get(exchanged, 2)
         local = graph.call_function(sort_by_slot, (expert_recv, num_experts))
         local_order, local_inverse, local_offsets = get(local, 0), get(local, 1), get(local, 2)
-        y_local = emit_grouped(graph, block.template, env, permute(x_recv, local_order, local_inverse),
-                               local_offsets, get(expert_recv, local_order))
+        if ffn is not None:  # each received row once, unweighted, back in received order: one op
+            ones = graph.call_method("new_ones", (x_recv, (graph.call_method("size", (x_recv, 0)),)))
+            y_recv = graph.call_function(ops.routed_ffn, (x_recv, local_order, ones, local_offsets,
+                                                          *_ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
+        else:
+            y_local = emit_grouped(graph, block.template, env, permute(x_recv, local_order, local_inverse),
+                                   local_offsets, get(expert_recv, local_order))
+            y_recv = permute(y_local, local_inverse, local_order)
         rows = graph.call_method("size", (x_sorted, 0))
-        y_sorted = graph.call_function(ep_ops.return_rows, (permute(y_local, local_inverse, local_order), send_R,
-                                                            recv_R, ep.group_name, rows))
+        y_sorted = graph.call_function(ep_ops.return_rows, (y_recv, send_R, recv_R, ep.group_name, rows))
     y_TKD = graph.call_method("view", (permute(y_sorted, inverse_N, order_N), -1, top_k,
                                        graph.call_method("size", (y_sorted, -1))))
     w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
@@ -161,9 +166,12 @@ def _emit_fused_ffn(graph, ffn: FusedFFN, env, x_TD, w_TK, order_N, inverse_N, o
     token_N = graph.call_function(torch.div, (order_N, top_k), {"rounding_mode": "floor"})
     weight_N = permute(graph.call_method("reshape", (graph.call_method("type_as", (w_TK, x_TD)), -1)), order_N,
                        inverse_N)
-    weights = [[env[n] for n in ref.nodes] if ref is not None else [] for ref in (ffn.w1, ffn.w3, ffn.w2)]
     return graph.call_function(ops.routed_ffn, (graph.call_method("contiguous", (x_TD,)), token_N, weight_N,
-                                                offsets_S, *weights, list(ffn.flags), ffn.activation))
+                                                offsets_S, *_ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
+
+
+def _ffn_weights(ffn: FusedFFN, env) -> list[list[fx.Node]]:
+    return [[env[n] for n in ref.nodes] if ref is not None else [] for ref in (ffn.w1, ffn.w3, ffn.w2)]
 
 
 def capacity_mask(idx_N: torch.Tensor, top_k: int, num_experts: int, capacity_factor: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def equal_single_process(rank, world):
     compiled = torch.compile(model, backend="moecc")
     facts = _step_facts(model, ref, compiled, rank, world, seed=1)
     record = moecc.report().blocks[-1]
-    facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows)
+    facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows, kernel=record.kernel)
     return facts
 
 

@@ -63,6 +63,7 @@ def test_two_ranks_equal_one_process_outputs_and_gradients(two_ranks):
     for r, res in enumerate(two_ranks):
         facts = res["equal_single_process"]
         assert facts["outcome"] == "rewritten"
+        assert facts["kernel"] == "fused glu-silu"  # received rows run through one moecc::expert_ffn
         assert facts["out"] < 1e-5 and facts["grad"] < 1e-4, (r, facts)
         assert facts["absent_grads_ok"], "a rank kept gradients for experts it does not host"
 
@@ -111,5 +112,6 @@ def test_four_ranks_equal_one_process_and_switching(tmp_path):
     for r, res in enumerate(results):
         facts = res["equal_single_process"]
         assert facts["outcome"] == "rewritten"
+        assert facts["kernel"] == "fused glu-silu"  # received rows run through one moecc::expert_ffn
         assert facts["out"] < 1e-5 and facts["grad"] < 1e-4, (r, facts)
     _assert_switching_matches_one_process(results)
