@@ -56,8 +56,8 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
     current = gm
     example_inputs = concrete_inputs(example_inputs)
     blocks = detect_moe_blocks(gm)
+    plans = []  # (index, block, ep config, fused FFN or None) of each block worth rewriting
     for i, block in enumerate(blocks):
-        start = time.perf_counter()
         if block.error is not None:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {block.error}", graph=graph_name))
             continue
@@ -67,6 +67,17 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
         ffn = None
         if options.get("fused_ffn", True) and block.template is not None:
             ffn = match_fused_ffn(block.template)
+        plans.append((i, block, ep, ffn))
+    together = _rewrite_all_and_check(gm, plans, example_inputs, options) if len(plans) > 1 else None
+    if together is not None:  # the common case: one check for the whole graph instead of one per block
+        current, send_rows, elapsed = together
+        for (i, block, ep, ffn), rows in zip(plans, send_rows):
+            layers.append((_runtime_layer(block, ep, gm, example_inputs, options.get("pool")),
+                           f"moecc_placement_{i}_"))
+            records.append(_accepted(block, graph_name, elapsed / len(plans), ffn, ep, rows))
+        plans = []
+    for i, block, ep, ffn in plans:  # one block at a time, each checked on its own and kept only if it agrees
+        start = time.perf_counter()
         candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, ffn)
         if reason is not None and ffn is not None:  # the fused op is an optimisation: retry on the lifted template
             candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, None)
@@ -76,12 +87,11 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             layers.append((_runtime_layer(block, ep, current, example_inputs, options.get("pool")),
                            f"moecc_placement_{i}_"))
             current = candidate
-            records.append(BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
-                                       kernel=ffn.kind if ffn is not None else "grouped GEMM",
-                                       layout=ep.describe() if ep else "", send_rows=send_rows))
+            records.append(_accepted(block, graph_name, elapsed, ffn, ep, send_rows))
         else:
             records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {reason}", graph=graph_name,
                                        check_s=elapsed))
+    records.sort(key=lambda r: next(j for j, b in enumerate(blocks) if b.spec is r.spec))
     for name, buf in current.named_buffers():
         if name.endswith("_load_counts"):
             buf.zero_()  # the checks above ran the graph; the monitor counts training steps only
@@ -89,6 +99,46 @@ def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
             buf.fill_(float(options["capacity_factor"]))  # checked dropless; now drop as asked
     _register_layers(layers, current)
     return current, records
+
+
+def _accepted(block, graph_name: str, elapsed: float, ffn, ep, send_rows) -> BlockRecord:
+    return BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
+                       kernel=ffn.kind if ffn is not None else "grouped GEMM",
+                       layout=ep.describe() if ep else "", send_rows=send_rows)
+
+
+def _rewrite_all_and_check(gm: fx.GraphModule, plans, example_inputs, options: dict):
+    """Every planned block rewritten in one copy of ``gm`` and checked once: (copy, rows sent per block,
+    seconds), or None if any rewrite or the check fails (the caller then goes block by block, which finds the
+    culprit and keeps the rest). Under expert parallelism every step's outcome is agreed across ranks, so all
+    ranks leave this path together."""
+    from moecc.backends import ep as ep_mod
+
+    start = time.perf_counter()
+    candidate = copy.deepcopy(gm)
+    eps = [ep for _, _, ep, _ in plans if ep is not None]
+    send_rows = []
+    for i, block, ep, ffn in plans:
+        try:
+            twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
+            send_rows.append(rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}",
+                                           ep=ep, capacity=options.get("capacity_factor") is not None,
+                                           ffn=_same_ffn(ffn, block, twin) if ffn is not None else None))
+            reason = None
+        except Exception as exc:  # any failure sends every block down the one-at-a-time path
+            reason = f"{type(exc).__name__}: {exc}"
+        if eps:
+            reason = ep_mod.agree_on_outcome(eps[0], reason)
+        if reason is not None:
+            return None
+    try:
+        reason = check_equivalent(gm, candidate, example_inputs,
+                                  reduce_grads=ep_mod.sum_over_ranks(eps[0]) if eps else None)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if eps:
+        reason = ep_mod.agree_on_outcome(eps[0], reason)
+    return None if reason is not None else (candidate, send_rows, time.perf_counter() - start)
 
 
 def _rewrite_and_check(current: fx.GraphModule, block, example_inputs, i: int, ep, options: dict, ffn):

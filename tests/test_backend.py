@@ -114,3 +114,35 @@ def test_report_renders_a_table_with_paths_and_outcomes():
     text = str(moecc.report())
     assert "moes.0" in text and "moes.1" in text and "rewritten" in text
     assert "softmax" in text
+
+
+class MixedModel(torch.nn.Module):
+    """A well-formed MoE block followed by a misrouted one: only the first may be rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.good, self.bad = zoo.LoopMoE(), zoo.MisroutedMoE()
+
+    def forward(self, x):
+        return self.bad(self.good(x)[0])[0]
+
+
+def test_several_blocks_are_checked_once_together(monkeypatch):
+    from moecc.passes import moe_pass
+
+    calls = []
+    real = moe_pass.check_equivalent
+    monkeypatch.setattr(moe_pass, "check_equivalent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = zoo.TinyTransformer(layers=3)
+    compiled, records = compile_and_records(model, torch.randint(0, 64, (1, 5)))
+    assert [r.outcome for r in records] == ["rewritten"] * 3
+    assert len(calls) == 1  # one check of the whole graph instead of one per block
+    assert_same_forward_backward(model, compiled, torch.randint(0, 64, (2, 3)))
+
+
+def test_a_bad_block_among_good_ones_falls_back_alone():
+    model = MixedModel()
+    compiled, records = compile_and_records(model, torch.randn(1, 6, 16))
+    assert [r.spec.path for r in records] == ["good", "bad"]
+    assert records[0].outcome == "rewritten" and records[1].outcome.startswith("fallback")
+    assert_same_forward_backward(model, compiled, torch.randn(1, 6, 16))
