@@ -101,17 +101,24 @@ def make_step(fn_model, x, backward: bool):
     return step
 
 
-def measure_interleaved(steps: dict, reps: int, warmup: int) -> dict[str, float]:
-    """Median ms per row, the rows timed round-robin so that a slow spell of the machine hits all of them alike."""
+def measure_interleaved(steps: dict, reps: int, warmup: int, burst: int = 3) -> dict[str, float]:
+    """Median ms per step of each row, over ``reps`` rounds that visit every row in turn.
+
+    Rounds interleave the rows, so that a slow spell of the (shared) machine hits all of them alike. Within a
+    round a row runs one untimed step and then ``burst`` timed ones back to back, as a training loop runs one
+    model: a single cold step after another model ran measures the other model's cache footprint instead.
+    """
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
-            start = time.perf_counter()
             step()
-            samples[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for _ in range(burst):
+                step()
+            samples[name].append((time.perf_counter() - start) / burst)
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
@@ -129,7 +136,7 @@ def main(argv=None) -> dict:
     if args.out == parser.get_default("out") and args.threads != (os.cpu_count() or 1):
         args.out = args.out.replace(".json", f"_{args.threads}t.json")
     dim, ffn, experts, top_k, tokens = (64, 128, 8, 2, 256) if args.quick else map(int, args.shape.split(","))
-    reps, warmup = (2, 1) if args.quick else (args.reps, 2)
+    reps, warmup = (2, 1) if args.quick else (args.reps, 1)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 

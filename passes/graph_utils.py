@@ -27,15 +27,18 @@ def source_path(node: fx.Node) -> str | None:
 
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost module whose forward produced ``node`` ("" for the root module)."""
+    cached = node.meta.get("moecc_module_path")
+    if cached is not None:  # detection asks for every node once per block: keep it per node
+        return cached
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
+    path = list(stack.values())[-1][0] if stack else ""
     for prefix in ("L['self'].", "L['self']"):
         if path.startswith(prefix):
             path = path[len(prefix) :]
             break
-    return re.sub(r"\[(\d+)\]", r".\1", path).replace("_modules['", "").replace("']", "")
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("_modules['", "").replace("']", "")
+    node.meta["moecc_module_path"] = path
+    return path
 
 
 def fake(node) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from .detect import detect_moe_blocks
 from .graph_utils import fake
 from .expert_template import TemplateError
 from .ffn_match import FusedFFN, match_fused_ffn
-from .rewrite_slots import RewriteError, rewrite_block
+from .rewrite_slots import RewriteError, record_routing_values, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent
 
@@ -118,12 +118,23 @@ def _rewrite_all_and_check(gm: fx.GraphModule, plans, example_inputs, options: d
     candidate = copy.deepcopy(gm)
     eps = [ep for _, _, ep, _ in plans if ep is not None]
     send_rows = []
+    try:  # one detection and one recording run serve every block (twins keep their nodes' names)
+        twins = {b.spec.path: b for b in detect_moe_blocks(candidate)}
+        values = record_routing_values(gm, [block for _, block, _, _ in plans], example_inputs)
+        reason = None
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if eps:
+        reason = ep_mod.agree_on_outcome(eps[0], reason)
+    if reason is not None:
+        return None
     for i, block, ep, ffn in plans:
         try:
-            twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
+            twin = twins[block.spec.path]
             send_rows.append(rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}",
                                            ep=ep, capacity=options.get("capacity_factor") is not None,
-                                           ffn=_same_ffn(ffn, block, twin) if ffn is not None else None))
+                                           ffn=_same_ffn(ffn, block, twin) if ffn is not None else None,
+                                           values=values))
             reason = None
         except Exception as exc:  # any failure sends every block down the one-at-a-time path
             reason = f"{type(exc).__name__}: {exc}"

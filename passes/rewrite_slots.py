@@ -213,27 +213,41 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
 
 
-def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None = None):
-    """(routing weights node, routed output node, position it holds the output from, the expert ids' value on
-    ``inputs``), found numerically."""
+def _routing_candidates(gm: fx.GraphModule, block: Block):
+    """(routing-weight candidates, routed-output candidates with positions, every node the probe reads)."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    x_numel = numel_key(fake(block.x))
     weights = _weight_candidates(block, node_index)
-    outputs = _output_candidates(block, node_index, x_numel)
+    outputs = _output_candidates(block, node_index, numel_key(fake(block.x)))
+    wanted = {block.x, block.indices, *weights, *(o for o, _ in outputs),
+              *{n for ref in block.template.weights.values() for n in ref.nodes}}
+    return weights, outputs, wanted
+
+
+def record_routing_values(gm: fx.GraphModule, blocks: list[Block], inputs) -> dict[str, torch.Tensor]:
+    """What :func:`find_routing` reads for every block, from one run of ``gm``, by node name (a deep copy of
+    ``gm`` keeps the names, and rewriting one block leaves the others' nodes as they are)."""
+    wanted = set().union(*(_routing_candidates(gm, b)[2] for b in blocks if b.template is not None))
+    return {n.name: v for n, v in _record(gm, inputs, wanted).items()}
+
+
+def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None = None,
+                 values: dict[str, torch.Tensor] | None = None):
+    """(routing weights node, routed output node, position it holds the output from, the expert ids' value on
+    ``inputs``), found numerically. ``values`` (from :func:`record_routing_values`) saves running ``gm``."""
+    weights, outputs, wanted = _routing_candidates(gm, block)
     if not weights:
         raise RewriteError("no routing-weight tensor of shape [tokens, k] found after top-k")
     if not outputs:
         raise RewriteError("no value of shape [tokens, dim] holds the sum of the experts' outputs")
-    wanted = {block.x, block.indices, *weights, *(o for o, _ in outputs),
-              *{n for ref in block.template.weights.values() for n in ref.nodes}}
-    values = _record(gm, inputs, wanted)
+    if values is None or any(n.name not in values for n in wanted):
+        values = {n.name: v for n, v in _record(gm, inputs, wanted).items()}
     for w in weights[:4]:
         probe, probe_inputs = _standalone(block, w, ffn)
         with torch.no_grad():
-            expected = probe(*[values[n] for n in probe_inputs])
+            expected = probe(*[values[n.name] for n in probe_inputs])
         for out, pos in outputs:
-            if out in values and _matches(values[out], expected):
-                return w, out, pos, values[block.indices]
+            if out.name in values and _matches(values[out.name], expected):
+                return w, out, pos, values[block.indices.name]
     raise RewriteError("the slot-form computation does not reproduce any value of the block "
                        "(routing or combine semantics moecc does not model, e.g. capacity dropping)")
 
@@ -255,22 +269,24 @@ def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.
 
 
 def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None,
-                  capacity: bool = False, ffn: FusedFFN | None = None) -> None:
+                  capacity: bool = False, ffn: FusedFFN | None = None, values=None) -> None:
     """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed).
 
     With ``ep`` (a ``backends.ep.EPConfig``) the experts run where the placement puts them, across ranks.
     With ``capacity``, rows past their expert's capacity are dropped (the factor is a buffer, see capacity_mask).
     With ``ffn`` (see ``ffn_match``) the experts run as one fused op instead of the lifted template.
+    ``values`` are :func:`record_routing_values` of a graph this one was copied from.
     """
     if block.template is None:
         raise RewriteError(block.error or "no expert template")
-    weights, routed, pos, idx_value = find_routing(gm, block, inputs, ffn)
+    weights, routed, pos, idx_value = find_routing(gm, block, inputs, ffn, values)
     graph = gm.graph
     nodes = list(graph.nodes)
-    live_users = [u for u in routed.users if nodes.index(u) > pos]
+    position = {n: i for i, n in enumerate(nodes)}
+    live_users = [u for u in routed.users if position[u] > pos]
     if not live_users:
         raise RewriteError("the routed output is not used after the experts run")
-    first_use = min(live_users, key=nodes.index)
+    first_use = min(live_users, key=position.__getitem__)
 
     device = _device_of(inputs)
     if ep is None:
@@ -291,7 +307,7 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep
         env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
         env.update({block.x: block.x, block.indices: block.indices, "weights": weights})
         out_TD = emit_slot_moe(graph, block, env, placement, ep, ffn)
-        kept = [block.x] + sorted(ancestors([block.x]), key=nodes.index, reverse=True)
+        kept = [block.x] + sorted(ancestors([block.x]), key=position.__getitem__, reverse=True)
         out = _view_like(graph, out_TD, routed, kept)
     for u in live_users:
         u.replace_input_with(routed, out)
