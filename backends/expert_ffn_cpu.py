@@ -180,23 +180,24 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     out = x_TD.new_zeros((x_TD.shape[0], d_out))
     width = ffn * (2 if glu else 1)
     saved = pooled_empty(rows, width, x_TD) if save else x_TD.new_empty((0, width))
-    tiles = _tiles(offsets_S.tolist(), tile_rows(ffn, x_TD.dtype), rows)
+    offsets = offsets_S.tolist()
+    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), rows)
     tile = max((e - s for _, s, e in tiles), default=0)
     native = _native(activation, x_TD)
-    xb = pooled_empty(tile, x_TD.shape[1], x_TD)
+    # Gather and combine once for all computed rows: per tile they cost more in calls than in bytes.
+    used = offsets[-1] if offsets else 0
+    index = index_N[:used]
+    xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
+    ys = pooled_empty(used, d_out, x_TD)
     hb = pooled_empty(tile, width, x_TD) if not save else None
     ab = pooled_empty(tile, ffn, x_TD)
-    yb = pooled_empty(tile, d_out, x_TD)
     for g, s, e in tiles:
-        n = e - s
-        idx = index_N[s:e]
-        xg = torch.index_select(x_TD, 0, idx, out=xb[:n])
-        h = saved[s:e] if save else hb[:n]
+        h = saved[s:e] if save else hb[:e - s]
+        xg = xs[s:e]
         _first_layer(xg, w1, w3, g, t1, t3, glu, ffn, h)
-        a = _activate(native, activation, h, ffn, glu, ab[:n])
-        y = torch.mm(a, _w(w2, g, t2), out=yb[:n])
-        y.mul_(weight_N[s:e, None])
-        out.index_add_(0, idx, y)
+        a = _activate(native, activation, h, ffn, glu, ab[:e - s])
+        torch.mm(a, _w(w2, g, t2), out=ys[s:e])
+    out.index_add_(0, index, ys.mul_(weight_N[:used, None]))
     return out, saved
 
 
@@ -226,25 +227,23 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
     tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), index_N.shape[0])
     tile = max((e - s for _, s, e in tiles), default=0)
     native = _native(activation, x_TD)
-    xb = pooled_empty(tile, x_TD.shape[1], x_TD)
-    gb = pooled_empty(tile, grad_TD.shape[1], x_TD)
+    used = offsets[-1] if offsets else 0
+    index = index_N[:used]
+    xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
+    gs = torch.index_select(grad_TD, 0, index, out=pooled_empty(used, grad_TD.shape[1], x_TD))
+    dxs = pooled_empty(used, x_TD.shape[1], x_TD)
     ab = pooled_empty(tile, ffn, x_TD)
     dab = pooled_empty(tile, ffn, x_TD)
     dhb = pooled_empty(tile, width, x_TD)
-    dxb = pooled_empty(tile, x_TD.shape[1], x_TD)
     started: set[int] = set()
     for g, s, e in tiles:
         n = e - s
         first = g not in started
         started.add(g)
-        idx = index_N[s:e]
-        xg = torch.index_select(x_TD, 0, idx, out=xb[:n])
-        gg = torch.index_select(grad_TD, 0, idx, out=gb[:n])
-        h = saved[s:e]
+        xg, gg, h, w = xs[s:e], gs[s:e], saved[s:e], weight_N[s:e]
         a = _activate(native, activation, h, ffn, glu, ab[:n])
         da = torch.mm(gg, _w(w2, g, t2).t(), out=dab[:n])  # y = a @ W2  =>  da = gy @ W2^T
         dh = dhb[:n]
-        w = weight_N[s:e]
         if native is not None:
             native[1](h, da, a, w, dweight[s:e], dh, n, ffn, width, *_offsets(ffn, glu))
         else:
@@ -255,12 +254,11 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
         if glu == 1:
             _accumulate_weight(dw1, g, t1, xg, dgate, first)
             _accumulate_weight(dw3, g, t3, xg, dup, first)
-            dxr = torch.mm(dgate, _w(w1, g, t1).t(), out=dxb[:n])
-            dxr.addmm_(dup, _w(w3, g, t3).t())
+            torch.mm(dgate, _w(w1, g, t1).t(), out=dxs[s:e]).addmm_(dup, _w(w3, g, t3).t())
         else:
             _accumulate_weight(dw1, g, t1, xg, dh, first)
-            dxr = torch.mm(dh, _w(w1, g, t1).t(), out=dxb[:n])
-        dx.index_add_(0, idx, dxr)
+            torch.mm(dh, _w(w1, g, t1).t(), out=dxs[s:e])
+    dx.index_add_(0, index, dxs)
     for g in range(len(offsets)):
         if g not in started:  # an empty group: its weights took no part
             for grads in (dw1, dw3, dw2):

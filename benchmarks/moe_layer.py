@@ -101,8 +101,8 @@ def make_step(fn_model, x, backward: bool):
     return step
 
 
-def measure_interleaved(steps: dict, reps: int, warmup: int, burst: int = 3) -> dict[str, float]:
-    """Median ms per step of each row, over ``reps`` rounds that visit every row in turn.
+def measure_rounds(steps: dict, reps: int, warmup: int, burst: int = 3) -> dict[str, list[float]]:
+    """Ms per step of each row in each of ``reps`` rounds that visit every row in turn.
 
     Rounds interleave the rows, so that a slow spell of the (shared) machine hits all of them alike. Within a
     round a row runs one untimed step and then ``burst`` timed ones back to back, as a training loop runs one
@@ -118,8 +118,24 @@ def measure_interleaved(steps: dict, reps: int, warmup: int, burst: int = 3) -> 
             start = time.perf_counter()
             for _ in range(burst):
                 step()
-            samples[name].append((time.perf_counter() - start) / burst)
-    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+            samples[name].append((time.perf_counter() - start) / burst * 1e3)
+    return samples
+
+
+def measure_interleaved(steps: dict, reps: int, warmup: int, burst: int = 3) -> dict[str, float]:
+    """Median ms per step of each row (see :func:`measure_rounds`)."""
+    return {name: statistics.median(v) for name, v in measure_rounds(steps, reps, warmup, burst).items()}
+
+
+def paired_ratios(rounds: dict[str, list[float]], ref: str) -> dict[str, tuple[float, float, float]]:
+    """Per row, the quartiles (25%, 50%, 75%) of ``ref``'s time over the row's time in the same round: rounds
+    pair the rows in time, so a slow spell of the machine cancels out of each ratio."""
+    out = {}
+    for name, times in rounds.items():
+        ratios = sorted(r / t for r, t in zip(rounds[ref], times))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[name] = (q[0], statistics.median(ratios), q[-1])
+    return out
 
 
 def main(argv=None) -> dict:
@@ -161,6 +177,7 @@ def main(argv=None) -> dict:
     limits = {f"dense limit ({c} chunk{'s' if c > 1 else ''})": DenseLimit(dim, ffn, c) for c in (1, experts)}
     results = {"shape": dict(dim=dim, ffn=ffn, experts=experts, top_k=top_k, tokens=tokens, dtype="float32",
                              threads=torch.get_num_threads()), "cases": {}}
+    paired: dict[str, dict] = {}
     for case, x in (("balanced", x_bal), ("skewed", x_skew)):
         load = loads(loop, x)
         case_rows = {}
@@ -168,10 +185,12 @@ def main(argv=None) -> dict:
             dense_in = torch.randn(rows, dim)
             steps = {name: make_step(model, x, backward) for name, model in candidates.items() if model is not None}
             steps.update({name: make_step(m, dense_in, backward) for name, m in limits.items()})
-            times = measure_interleaved(steps, reps, warmup)
+            rounds = measure_rounds(steps, reps, warmup)
+            times = {name: statistics.median(v) for name, v in rounds.items()}
             times["dense limit (best)"] = min(times[name] for name in limits)
             case_rows[mode] = times
-        results["cases"][case] = {"loads": load, "ms": case_rows}
+            paired.setdefault(case, {})[mode] = paired_ratios(rounds, "moecc")
+        results["cases"][case] = {"loads": load, "ms": case_rows, "moecc_over_row_quartiles": paired[case]}
 
     table = Table(title=f"MoE layer on CPU: d={dim} ffn={ffn} E={experts} top-{top_k} T={tokens} fp32, "
                         f"{torch.get_num_threads()} threads (ms, and time / moecc)")
@@ -195,8 +214,12 @@ def main(argv=None) -> dict:
             ratio_limit = times["moecc"] / times["dense limit (best)"]
             results["cases"][case].setdefault("moecc_vs_limit", {})[mode] = ratio_limit
             fastest = all(times["moecc"] < v for v in others.values())
+            quartiles = data["moecc_over_row_quartiles"][mode]
+            pairs = ", ".join(f"{k.split(' (')[0] if k.startswith('eager') else k}: {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+                              for k, q in quartiles.items() if k in others)
             console.print(f"{case:9s} {mode:17s}: moecc / dense limit = {ratio_limit:.2f}x; "
                           f"faster than every other row: {fastest}; loads {data['loads']}")
+            console.print(f"{'':28s}moecc / row, paired by round, median [quartiles]: {pairs}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
