@@ -83,10 +83,19 @@ def _candidates(mms) -> list[tuple[WeightRef, WeightRef | None, WeightRef, tuple
     return [(w1, None, w2, (t1, 0, t2, glu)) for glu in (0, 2, 3)]
 
 
+def _identity_dropout(node: fx.Node) -> bool:
+    """``F.dropout`` that changes nothing: probability 0 (Switch's expert in tests), or not training."""
+    if _name(node) != "dropout":
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return p == 0 or training is False
+
+
 def match_fused_ffn(template: ExpertTemplate) -> FusedFFN | None:
     """The fused form of ``template``, or None when the fused op does not compute exactly what it does."""
-    if any(_name(n) not in _ALLOWED for n in template.nodes if not (is_call(n, *LINEAR) or is_call(n, *MATMUL)
-                                                                    or _is_grouped_call(n))):
+    if any(_name(n) not in _ALLOWED and not _identity_dropout(n) for n in template.nodes
+           if not (is_call(n, *LINEAR) or is_call(n, *MATMUL) or _is_grouped_call(n))):
         return None
     rows_fake = fake(template.rows)
     if rows_fake is None or rows_fake.dtype != torch.float32 or rows_fake.device.type != "cpu":

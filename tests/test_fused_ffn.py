@@ -209,3 +209,26 @@ def test_a_fused_rewrite_that_fails_its_check_falls_back_to_grouped_gemms(monkey
     compiled, records = compile_and_records(model, torch.randn(2, 5, 16))
     assert records[0].rewritten and records[0].kernel == "grouped GEMM"
     assert_same_forward_backward(model, compiled, torch.randn(2, 5, 16))
+
+
+class DropoutExpert(nn.Module):
+    """T5/Switch style: relu MLP without biases, with dropout between the layers."""
+
+    def __init__(self, dim, ffn, p=0.0):
+        super().__init__()
+        self.wi = nn.Linear(dim, ffn, bias=False)
+        self.wo = nn.Linear(ffn, dim, bias=False)
+        self.p = p
+
+    def forward(self, x):
+        return self.wo(F.dropout(F.relu(self.wi(x)), self.p, self.training))
+
+
+def test_dropout_that_changes_nothing_is_fused_and_real_dropout_is_not():
+    model = zoo.LoopMoE(expert_cls=DropoutExpert)
+    compiled, records = compile_and_records(model, torch.randn(2, 5, 16))
+    assert records[0].kernel == "fused mlp-relu"
+    assert_same_forward_backward(model, compiled, torch.randn(2, 5, 16))
+    noisy = zoo.LoopMoE(expert_cls=lambda d, f: DropoutExpert(d, f, p=0.5))
+    _, records = compile_and_records(noisy, torch.randn(2, 5, 16))
+    assert not records[0].kernel.startswith("fused")  # random in training: falls back, never fused
