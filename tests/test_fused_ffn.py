@@ -146,26 +146,14 @@ def test_pooled_memory_is_reused_only_when_free():
     del view
 
 
-class ClampedExpert(nn.Module):
+class ClampedExpert(zoo.SwiGLUExpert):
     """SwiGLU-like, but the gate is clamped: random probes may not see the clamp, so it must not be fused."""
-
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.w1 = nn.Linear(dim, ffn, bias=False)
-        self.w3 = nn.Linear(dim, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x).clamp(max=50.0)) * self.w3(x))
 
 
-class GeGLUTanhExpert(nn.Module):
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.w1 = nn.Linear(dim, ffn, bias=False)
-        self.w3 = nn.Linear(dim, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, dim, bias=False)
-
+class GeGLUTanhExpert(zoo.SwiGLUExpert):
     def forward(self, x):
         return self.w2(F.gelu(self.w3(x), approximate="tanh") * self.w1(x))  # gate is w3 here
 
