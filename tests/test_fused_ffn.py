@@ -220,3 +220,22 @@ def test_dropout_that_changes_nothing_is_fused_and_real_dropout_is_not():
     noisy = zoo.LoopMoE(expert_cls=lambda d, f: DropoutExpert(d, f, p=0.5))
     _, records = compile_and_records(noisy, torch.randn(2, 5, 16))
     assert not records[0].kernel.startswith("fused")  # random in training: falls back, never fused
+
+
+def test_pooled_saved_tensors_survive_two_pending_backwards_and_retain_graph():
+    """Two forwards before any backward (micro-batches), then a backward kept for a second one: each backward must
+    read its own forward's saved pre-activations, never a buffer the pool handed out again."""
+    model = zoo.LoopMoE()
+    compiled, records = compile_and_records(model, torch.randn(2, 5, 16))
+    assert records[0].kernel == "fused glu-silu"
+    params = list(model.parameters())
+    xa, xb = torch.randn(2, 5, 16), torch.randn(2, 5, 16) * 3
+    ref = [torch.autograd.grad(model(x)[0].square().sum(), params) for x in (xa, xb)]
+    loss_a, loss_b = compiled(xa)[0].square().sum(), compiled(xb)[0].square().sum()  # both graphs pending
+    got_b = torch.autograd.grad(loss_b, params, retain_graph=True)
+    compiled(torch.randn(2, 5, 16))[0].sum().backward()  # more pool traffic while loss_b's graph is retained
+    got_b_again = torch.autograd.grad(loss_b, params)
+    got_a = torch.autograd.grad(loss_a, params)
+    for want, got in ((ref[0], got_a), (ref[1], got_b), (ref[1], got_b_again)):
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
