@@ -1,42 +1,17 @@
 """DeepSeek-V3 (transformers 5.x) under backend="moecc": fp32 sigmoid scores, e_score_correction_bias for selection only, group-limited top-k (sum of top-2 per group), weights gathered from the unbiased scores, renormalised, times routed_scaling_factor, a shared expert.
 
-Built from its config class at tiny size (tests/hf_zoo.py). The whole model is compiled in training mode with the
-"eager" experts implementation (the loop that graph-breaks under stock torch.compile); the "grouped_mm"
-implementation is checked on one block compiled alone with fullgraph=True (and, marked slow, the whole model).
+Built from its config class at tiny size (tests/hf_zoo.py); the checks are hf_checks.FamilyChecks: the whole
+model with the "eager" experts implementation, one "grouped_mm" block compiled alone (and, marked slow, the whole model).
 """
 import pytest
 
-from hf_zoo import (Compiled, Family, assert_blocks_report_family, assert_grouped_mm_block_equals_eager,
-                    assert_pairs_close, assert_whole_grouped_mm_model_equals_eager)
+from hf_checks import FamilyChecks, WholeGroupedMMCheck
+from hf_zoo import Family
 
 pytest.importorskip("transformers")
 
-FAMILY = Family(name="deepseek_v3", ffn="swiglu", shared=('shared_experts',),
-                router={'score': 'sigmoid', 'top_k': 2, 'score_after_topk': False, 'renormalize': True, 'selection_bias': True, 'router_bias': False, 'grouped': True, 'scale': True},
-                layouts=tuple(['gate_up_proj [64, 16]', 'down_proj [16, 32]']))
 
-
-@pytest.fixture(scope="module")
-def eager_impl():
-    return Compiled(FAMILY.name, "eager")
-
-
-def test_every_block_is_rewritten_and_reported_with_the_family_facts(eager_impl):
-    assert_blocks_report_family(eager_impl.records, FAMILY)
-
-
-def test_one_graph_and_no_graph_break(eager_impl):
-    assert (eager_impl.graphs, eager_impl.breaks) == (1, 0)
-
-
-def test_logits_and_every_gradient_equal_eager(eager_impl):
-    assert_pairs_close([("logits", eager_impl.out, eager_impl.ref), *eager_impl.grads()])
-
-
-def test_grouped_mm_block_has_no_graph_break_and_equals_eager():
-    assert_grouped_mm_block_equals_eager(FAMILY)
-
-
-@pytest.mark.slow
-def test_whole_model_with_grouped_mm_experts_is_rewritten_and_equals_eager():
-    assert_whole_grouped_mm_model_equals_eager(FAMILY)
+class TestDeepseekV3(FamilyChecks, WholeGroupedMMCheck):
+    FAMILY = Family(name="deepseek_v3", ffn="swiglu", shared=('shared_experts',),
+                    router={'score': 'sigmoid', 'top_k': 2, 'score_after_topk': False, 'renormalize': True, 'selection_bias': True, 'router_bias': False, 'grouped': True, 'scale': True},
+                    layouts=tuple(['gate_up_proj [64, 16]', 'down_proj [16, 32]']))
