@@ -1,9 +1,8 @@
 """The routed expert FFN as one CPU kernel: gather, GEMMs, activation, weighting and combine, tile by tile.
 
 What the unfused slot form spends beyond its GEMMs on this CPU, measured (d=512, ffn=1024, 8192 routed rows):
-- every [rows, ffn] intermediate (gate, up, activation) is a 32 MB tensor, and glibc serves 32 MB requests
-  with a fresh ``mmap``: first-touch page faults cost 7-8 ms per tensor, more than the elementwise work on it;
-- each elementwise pass over a whole intermediate runs from L3, not from the 2 MB L2.
+every [rows, ffn] intermediate (gate, up, activation) is a 32 MB tensor, and glibc serves 32 MB requests with
+a fresh ``mmap``: first-touch page faults cost 7-8 ms per tensor, more than the elementwise work on it.
 Here a tile (one expert's rows, split only past ``tile_rows``: a whole expert's GEMM is what MKL runs fastest)
 runs its whole FFN in a few workspace buffers; the GEMMs are ``torch.mm(out=)`` (MKL) and the elementwise work
 one fused pass each way (``cpu_native``). For training the pre-activations (gate and up, ``2 * ffn`` per row;
@@ -25,12 +24,12 @@ import torch
 from torch import Tensor
 
 from . import cpu_native
-from .kernels_cpu import group_weight
+from .kernels_cpu import group_weight, weight_io
 
 aten = torch.ops.aten
 TILE_BYTES = 16 << 20  # one [tile, ffn] workspace: 4096 rows at ffn=1024 fp32, 292 at ffn=14336
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what ``activation`` may name (``passes/ffn_match`` tries each)
 
 
 def _act_forward(name: str, h: Tensor, out: Tensor) -> Tensor:
@@ -48,12 +47,6 @@ def _act_backward(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tensor:
         return aten.threshold_backward.grad_input(grad, h, 0, grad_input=out)
     return aten.gelu_backward.grad_input(grad, h, approximate="tanh" if name == "gelu_tanh" else "none",
                                          grad_input=out)
-
-
-def ffn_width(w2: list[Tensor], t2: bool) -> int:
-    """The FFN's hidden width, read off the down projection."""
-    w = group_weight(w2, 0)
-    return w.shape[1] if t2 else w.shape[0]
 
 
 _POOL_SIZE = 32  # storages kept: a call's workspaces, and one saved tensor per MoE layer awaiting its backward
@@ -148,20 +141,15 @@ def _first_layer(xg: Tensor, w1, w3, g: int, t1: bool, t3: bool, glu: int, ffn: 
         torch.mm(xg, _w(w1, g, t1), out=h)
 
 
-def _io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int]:
-    w = group_weight(weights, 0)
-    return (w.shape[1], w.shape[0]) if transpose_w else (w.shape[0], w.shape[1])
-
-
 def check_shapes(x_TD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], flags: list[int]) -> None:
     """Raise ValueError unless the weights chain as ``flags`` say: [D -> F (x2 if concatenated)] then F -> D'."""
     t1, t3, t2, glu = flags
-    ffn = ffn_width(w2, bool(t2))
-    parts = [(_io(w1, bool(t1)), 2 * ffn if glu in (2, 3) else ffn)]
+    _, ffn, _ = weight_io(w2, bool(t2))
+    parts = [(weight_io(w1, bool(t1))[1:], 2 * ffn if glu in (2, 3) else ffn)]
     if glu == 1:
         if not w3:
             raise ValueError("expert_ffn: glu mode 1 needs an up-projection weight")
-        parts.append((_io(w3, bool(t3)), ffn))
+        parts.append((weight_io(w3, bool(t3))[1:], ffn))
     for (width_in, width_out), expected in parts:
         if width_in != x_TD.shape[1] or width_out != expected:
             raise ValueError(f"expert_ffn: a first-layer weight maps {width_in} -> {width_out}, expected "
@@ -174,9 +162,8 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     """``out[index[n]] += weight[n] * ffn(x[index[n]])``, and with ``save`` the pre-activations ([0, .] if not)."""
     check_shapes(x_TD, w1, w3, w2, flags)
     t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
-    ffn = ffn_width(w2, t2)
+    _, ffn, d_out = weight_io(w2, t2)
     rows = index_N.shape[0]
-    d_out = group_weight(w2, 0).shape[0 if t2 else 1]
     out = x_TD.new_zeros((x_TD.shape[0], d_out))
     width = ffn * (2 if glu else 1)
     saved = pooled_empty(rows, width, x_TD) if save else x_TD.new_empty((0, width))
@@ -218,7 +205,7 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
                         saved: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Gradients of :func:`expert_ffn` for x, the row weights, and w1, w3, w2 (in the weights' form)."""
     t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
-    ffn = ffn_width(w2, t2)
+    _, ffn, _ = weight_io(w2, t2)
     width = saved.shape[1]
     dx = torch.zeros_like(x_TD)
     dweight = torch.zeros_like(weight_N)

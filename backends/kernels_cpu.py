@@ -15,6 +15,16 @@ def group_weight(weights: list[Tensor], g: int) -> Tensor:
     return weights[0][g] if len(weights) == 1 and weights[0].dim() == 3 else weights[g]
 
 
+def weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
+    """(groups, in width, out width) of a grouped weight argument."""
+    if len(weights) == 1 and weights[0].dim() == 3:
+        groups, a, b = weights[0].shape
+    else:
+        groups = len(weights)
+        a, b = weights[0].shape
+    return (groups, b, a) if transpose_w else (groups, a, b)
+
+
 def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
     order_N = torch.argsort(slot_N, stable=True)
     inverse_N = torch.empty_like(order_N)

@@ -25,16 +25,6 @@ from torch import Tensor
 from . import expert_ffn_cpu, kernels_cpu
 
 
-def _weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
-    """(groups, in width, out width) of a grouped weight argument."""
-    if len(weights) == 1 and weights[0].dim() == 3:
-        groups, a, b = weights[0].shape
-    else:
-        groups = len(weights)
-        a, b = weights[0].shape
-    return (groups, b, a) if transpose_w else (groups, a, b)
-
-
 @torch.library.custom_op("moecc::sort_by_slot", mutates_args=())
 def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable order of rows by slot, its inverse, and the int32 end offset of each slot's rows."""
@@ -55,7 +45,7 @@ def grouped_mm(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose
 
 @grouped_mm.register_fake
 def _(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose_w: bool) -> Tensor:
-    groups, width_in, width_out = _weight_io(weights, transpose_w)
+    groups, width_in, width_out = kernels_cpu.weight_io(weights, transpose_w)
     torch._check(offsets_S.shape[0] == groups, lambda: "moecc::grouped_mm: one offset per weight group")
     torch._check(x_NI.shape[-1] == width_in, lambda: "moecc::grouped_mm: x width != weight input width")
     return x_NI.new_empty((x_NI.shape[0], width_out))
@@ -173,10 +163,8 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
 @expert_ffn.register_fake
 def _(x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, save):
     expert_ffn_cpu.check_shapes(x_TD, w1, w3, w2, flags)
-    t2, glu = bool(flags[2]), int(flags[3])
-    ffn = expert_ffn_cpu.ffn_width(w2, t2)
-    d_out = kernels_cpu.group_weight(w2, 0).shape[0 if t2 else 1]
-    width = ffn * (2 if glu else 1)
+    _, ffn, d_out = kernels_cpu.weight_io(w2, bool(flags[2]))
+    width = ffn * (2 if flags[3] else 1)
     return x_TD.new_empty((x_TD.shape[0], d_out)), x_TD.new_empty((index_N.shape[0] if save else 0, width))
 
 

@@ -29,7 +29,6 @@ from .graph_utils import LINEAR, MATMUL, fake, is_call
 # keeps the lifted template, even if random probes could not tell the difference.
 _ALLOWED = {"silu", "gelu", "relu", "mul", "__mul__", "chunk", "split", "getitem", "to", "float", "type",
             "contiguous", "view", "reshape", "unsqueeze", "squeeze"}
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +106,8 @@ def match_fused_ffn(template: ExpertTemplate) -> FusedFFN | None:
         reference, weights = _reference(template)
     except Exception:  # a template the probe cannot run stays on the lifted path
         return None
+    from moecc.backends.expert_ffn_cpu import ACTIVATIONS
+
     for (w1, w3, w2, flags), activation in itertools.product(_candidates(mms), ACTIVATIONS):
         candidate = FusedFFN(activation=activation, w1=w1, w3=w3, w2=w2, flags=flags)
         if _agrees(candidate, reference, weights):
