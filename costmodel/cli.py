@@ -1,12 +1,13 @@
 """``moecc calibrate`` and ``moecc plan``: the cost model's sub-commands (``moecc/cli.py`` mounts them)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from .formulas import ExpertDims, a2a_time_expr, compile_cost_model, ffn_time_expr, n as n_sym, N as N_sym, numeric_formula
+from .formulas import ExpertDims, a2a_time_expr, compile_cost_model, ffn_time_expr, numeric_formula
+from .formulas import N as N_sym
+from .formulas import n as n_sym
 from .greedy import InfeasibleError
 from .placement import EMPTY, SlotLayout
 from .profile import ProfileError, builtin_profiles, load_profile, save_profile

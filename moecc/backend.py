@@ -13,8 +13,8 @@ from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._inductor.compile_fx import compile_fx
 
 from moecc import capture
-from moecc.report import record_blocks
 from moecc.passes.moe_pass import moe_pass
+from moecc.report import record_blocks
 
 _graph_ids = itertools.count()
 

@@ -315,7 +315,6 @@ def read_loads(layer: SlotLayer) -> list[float]:
 def candidates(layer: SlotLayer, load_E: list[float]):
     """The placements a check chooses from: the layer's pool, else the current one and a greedy re-plan."""
     from moecc.costmodel.greedy import greedy_placement
-
     from moecc.costmodel.placement import Pool
     from moecc.costmodel.planner import align_pool
 

@@ -15,8 +15,19 @@ import torch
 from torch import fx
 
 from .expert_template import _GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
-from .graph_utils import (LINEAR, MATMUL, TOPK, ancestors, common_prefix, descendants, fake, is_call, is_inplace,
-                          module_path, source_path)
+from .graph_utils import (
+    LINEAR,
+    MATMUL,
+    TOPK,
+    ancestors,
+    common_prefix,
+    descendants,
+    fake,
+    is_call,
+    is_inplace,
+    module_path,
+    source_path,
+)
 from .spec import ExpertsSpec, MoESpec, RouterSpec
 
 

@@ -12,9 +12,9 @@ import torch
 from torch import fx
 
 from .detect import detect_moe_blocks
-from .graph_utils import fake
 from .expert_template import TemplateError
 from .ffn_match import FusedFFN, match_fused_ffn
+from .graph_utils import fake
 from .rewrite_slots import RewriteError, record_routing_values, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent

@@ -23,7 +23,7 @@ from torch import fx
 from .detect import Block
 from .expert_template import emit_grouped
 from .ffn_match import FusedFFN
-from .graph_utils import ancestors, descendants, fake, is_inplace, same_shape, numel_key
+from .graph_utils import ancestors, descendants, fake, is_inplace, numel_key, same_shape
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
                  "new_full", "ones_like"}

@@ -79,8 +79,9 @@ def main():
     diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), eager.parameters()))
     print(f"max parameter difference moecc vs eager after 6 AdamW steps: {diff:.2e}")
 
-    import moecc
     from rich.console import Console
+
+    import moecc
 
     Console(width=150).print(moecc.report())
 

@@ -1,8 +1,13 @@
 """The checks every decoder-only HF family passes, as base classes its test module subclasses with its FAMILY."""
 import pytest
-
-from hf_zoo import (Compiled, Family, assert_blocks_report_family, assert_grouped_mm_block_equals_eager,
-                    assert_pairs_close, assert_whole_grouped_mm_model_equals_eager)
+from hf_zoo import (
+    Compiled,
+    Family,
+    assert_blocks_report_family,
+    assert_grouped_mm_block_equals_eager,
+    assert_pairs_close,
+    assert_whole_grouped_mm_model_equals_eager,
+)
 
 
 class FamilyChecks:

@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
+import moe_zoo as zoo
 import pytest
 import torch
 import torch._dynamo as dynamo
-
-import moe_zoo as zoo
 from conftest import assert_same_forward_backward, compile_and_records
 
 import moecc

@@ -1,10 +1,9 @@
 """Capacity factor (GShard/Switch token dropping), an option: rows past an expert's capacity contribute nothing."""
 import math
 
+import moe_zoo as zoo
 import pytest
 import torch
-
-import moe_zoo as zoo
 from conftest import compile_and_records
 
 from moecc import runtime

@@ -1,8 +1,7 @@
 """backend="moecc" on every MoE form of issue 2: the block is rewritten, and the compiled model equals eager."""
+import moe_zoo as zoo
 import pytest
 import torch
-
-import moe_zoo as zoo
 from conftest import assert_same_forward_backward, compile_and_records
 
 from moecc.backends import kernels_cpu

@@ -1,10 +1,18 @@
 """Cost formulas: the compiled functions agree with the symbolic ones and behave like a machine would."""
 import sympy as sp
 
-from moecc.costmodel.formulas import (ExpertDims, a2a_time_expr, compile_cost_model, constants, ffn_time_expr, n,
-                                      step_time_expr, theta)
-from moecc.costmodel.placement import Placement, SlotLayout, placement_from_ranks
+from moecc.costmodel.formulas import (
+    ExpertDims,
+    a2a_time_expr,
+    compile_cost_model,
+    constants,
+    ffn_time_expr,
+    n,
+    step_time_expr,
+    theta,
+)
 from moecc.costmodel.greedy import static_placement
+from moecc.costmodel.placement import Placement, SlotLayout, placement_from_ranks
 from moecc.costmodel.profile import builtin_profile
 
 H100 = builtin_profile("h100-sxm-8x")

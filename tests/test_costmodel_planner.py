@@ -8,8 +8,17 @@ import pytest
 from moecc.costmodel.formulas import ExpertDims, compile_cost_model
 from moecc.costmodel.greedy import InfeasibleError, greedy_placement, static_placement
 from moecc.costmodel.placement import Pool, SlotLayout
-from moecc.costmodel.planner import (PlanTerms, align_pool, choose_member, evaluate_pool, greedy_pool, plan_pool,
-                                     planning_objective, simulate_pool, solve_pool_ilp)
+from moecc.costmodel.planner import (
+    PlanTerms,
+    align_pool,
+    choose_member,
+    evaluate_pool,
+    greedy_pool,
+    plan_pool,
+    planning_objective,
+    simulate_pool,
+    solve_pool_ilp,
+)
 from moecc.costmodel.profile import builtin_profile
 
 

@@ -3,8 +3,14 @@ import json
 
 import pytest
 
-from moecc.costmodel.profile import (ProfileError, builtin_profile, builtin_profiles, load_profile,
-                                     profile_to_dict, save_profile)
+from moecc.costmodel.profile import (
+    ProfileError,
+    builtin_profile,
+    builtin_profiles,
+    load_profile,
+    profile_to_dict,
+    save_profile,
+)
 
 
 def test_shipped_profiles_load_and_say_where_numbers_come_from():

@@ -3,8 +3,16 @@ import json
 
 import pytest
 
-from moecc.costmodel.workload import (TraceError, Workload, load_trace, router_trace, save_trace, uniform_trace,
-                                      window_loads, zipf_trace)
+from moecc.costmodel.workload import (
+    TraceError,
+    Workload,
+    load_trace,
+    router_trace,
+    save_trace,
+    uniform_trace,
+    window_loads,
+    zipf_trace,
+)
 
 
 def test_trace_round_trips_through_a_file(tmp_path):

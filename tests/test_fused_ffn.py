@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_forward_backward, compile_and_records
-from moecc.backends import cpu_native, expert_ffn_cpu, ops
 from torch import nn
+
+from moecc.backends import cpu_native, expert_ffn_cpu, ops
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}
 

@@ -3,13 +3,12 @@ they are chosen by the text of the forward, and they exist only while Dynamo tra
 import sys
 import types
 
+import hf_zoo
 import pytest
 import torch
 import torch._dynamo as dynamo
 from torch._dynamo import trace_rules
 
-import hf_zoo
-import moecc
 from moecc.passes import hf_eager
 
 transformers = pytest.importorskip("transformers")

@@ -1,7 +1,6 @@
 """Form (c): transformers 5.x Mixtral with the grouped_mm and batched_mm experts implementations."""
 import pytest
 import torch
-
 from conftest import assert_same_forward_backward, compile_and_records
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,6 @@ Built from its config class at tiny size (tests/hf_zoo.py); the checks are hf_ch
 model with the "eager" experts implementation, one "grouped_mm" block compiled alone.
 """
 import pytest
-
 from hf_checks import FamilyChecks
 from hf_zoo import Family
 

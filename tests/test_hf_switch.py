@@ -7,12 +7,12 @@ eager loop, which graph-breaks under stock torch.compile.
 """
 import copy
 
+import hf_zoo
 import pytest
 import torch
-
-import hf_zoo
-import moecc
 from hf_zoo import Compiled, assert_pairs_close, router_facts
+
+import moecc
 
 pytest.importorskip("transformers")
 

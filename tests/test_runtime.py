@@ -1,11 +1,10 @@
 """The runtime on one process: load monitor, placement decisions, switches that never recompile, the switch log."""
 import copy
 
+import moe_zoo as zoo
 import pytest
 import torch
 from torch._dynamo.utils import counters
-
-import moe_zoo as zoo
 
 import moecc
 from moecc import runtime
