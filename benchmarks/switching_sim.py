@@ -14,9 +14,10 @@ over the layers:
    (``static e%R``) to show why it is not the baseline there;
 2. the greedy pool (SmartMoE's LPT with replicas, one member per k-means group of windows);
 3. the planner's pool (``plan_pool``: heuristic warm start, CBC under a time limit);
-4. moecc's runtime without a pool (``moecc.runtime.decide``): the current placement against a greedy re-plan on
-   the previous window, switching when the predicted saving over the next window exceeds the switch cost. This
-   is what ``train_drift.py --switching on`` ran, so it is the simulated counterpart of that measurement.
+4. moecc's runtime without a pool (``moecc.runtime.decide``'s rule, ``costmodel.switching.decide_switch``): the
+   current placement against a greedy re-plan on the previous window, switching when the predicted saving over
+   the next window exceeds the switch cost. This is what ``train_drift.py --switching on`` ran, so it is the
+   simulated counterpart of that measurement.
 
 Pools are evaluated both ways: *online* (the runtime chooses each window's member from the previous window's loads,
 as ``moecc.runtime`` must; the headline numbers) and *oracle* (the best member per window, knowing its loads: the
@@ -79,6 +80,7 @@ from moecc.costmodel.greedy import greedy_placement, static_placement
 from moecc.costmodel.placement import EMPTY, Placement, Pool, SlotLayout, placement_from_ranks
 from moecc.costmodel.planner import simulate_online, simulate_pool
 from moecc.costmodel.profile import Profile, builtin_profile
+from moecc.costmodel.switching import decide_switch
 from moecc.costmodel.workload import TraceError, Workload, load_trace, window_loads, zipf_trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,7 +115,8 @@ def read_trace(path: Path, *, require: bool, trace_tokens: int, steps_per_row: i
         raise TraceError(f"no trace at {path}: {how}")
     console.print(f"[yellow]no trace at {path}[/]: {how}.\n[yellow]Falling back to a drifting Zipf trace[/] "
                   f"(costmodel.workload.zipf_trace: 16 experts, 2 layers, top-2 of {trace_tokens} tokens per step, "
-                  f"Zipf 1.0 -> 1.5, hot set moving every 5 windows); the numbers below are NOT from the trained model.")
+                  f"Zipf 1.0 -> 1.5, hot set moving every 5 windows); the numbers below are NOT from the trained "
+                  "model.")
     return fallback_trace(16, 2 * trace_tokens, 20, steps_per_row), "zipf_trace fallback (no recorded trace)"
 
 
@@ -244,19 +247,16 @@ def simulate_runtime_replan(start: Placement, load_WE: list[list[float]], steps_
                             greedy_W: list[Placement]) -> dict:
     """moecc.runtime without a pool: before window w, price the current placement and a greedy re-plan of window
     w-1's loads (``greedy_W[w-1]``, aligned to the current placement as ``runtime.candidates`` does) and switch
-    when the predicted saving over window w's steps exceeds the switch cost (``runtime.decide``, without its
-    feedback of measured switch costs)."""
+    when the predicted saving over window w's steps exceeds the switch cost, through the runtime's own rule
+    (``costmodel.switching.decide_switch``). Without its feedback of measured switch costs and gains (``last``):
+    the simulation measures nothing, and feeding it its own predictions would only restate them."""
     current, total, switch_total, switches = start, 0.0, 0.0, 0
     for w, load_E in enumerate(load_WE):
         if w > 0:
-            prev = load_WE[w - 1]
-            replan = greedy_W[w - 1]
-            pair = (current, align_to(current, replan))
-            best = min(pair, key=lambda p: model.step_s(p, prev))
-            gain = model.step_s(current, prev) - model.step_s(best, prev)
-            cost = model.switch_s(current, best)
-            if best.expert_S != current.expert_S and gain * steps_W[w] > cost:
-                current, switch_total, switches = best, switch_total + cost, switches + 1
+            candidates = [current, align_to(current, greedy_W[w - 1])]
+            choice = decide_switch(model, current, candidates, load_WE[w - 1], steps_W[w], last=None)
+            if choice is not None:
+                current, switch_total, switches = choice.placement, switch_total + choice.cost_s, switches + 1
         total += model.step_s(current, load_E) * steps_W[w]
     return {"step_s": (total + switch_total) / sum(steps_W), "switches": switches, "switch_s_total": switch_total}
 
@@ -312,7 +312,7 @@ def simulate_layer(sc: Scenario, model: CostModel, *, pool_size: int, time_limit
         "greedy_pool": pool_numbers(result.greedy, load_WE, steps_W, model), "planner_pool": planner,
         "runtime_replan": simulate_runtime_replan(base, load_WE, steps_W, model, sc.greedy_W),
         # a reference, not a strategy: every window on the greedy placement of its own loads, switches free
-        "free_replan_step_s": statistics.mean(model.step_s(p, l) for p, l in zip(sc.greedy_W, load_WE)),
+        "free_replan_step_s": statistics.mean(model.step_s(p, load_E) for p, load_E in zip(sc.greedy_W, load_WE)),
         "compare_wall_s": compare_s,
     }
 
@@ -355,7 +355,8 @@ def step_table(cases: list[dict], title: str) -> Table:
         for name, r, last in _rows(case):
             base = r["baseline_step_s"]
             pools = [r[key] for _, key in METHODS]
-            ms = lambda d: f"{1e3 * d['step_s']:.2f}" + (f" ({1e3 * d['oracle_step_s']:.2f})" if "oracle_step_s" in d else "")  # noqa: E731
+            ms = lambda d: (f"{1e3 * d['step_s']:.2f}"  # noqa: E731
+                            + (f" ({1e3 * d['oracle_step_s']:.2f})" if "oracle_step_s" in d else ""))
             table.add_row(str(case["gpus"]), case["profile"], name, r["baseline"], f"{1e3 * base:.2f}",
                           *(ms(d) for d in pools), *(f"{base / d['step_s']:.2f}x" for d in pools), end_section=last)
     return table
@@ -415,11 +416,13 @@ def main() -> int:
                       training=True)
     E = workload.num_experts * args.split
     mapping = {
-        "trace": source, "trace_experts": workload.num_experts, "trace_windows": {k: len(v) for k, v in layers_in.items()},
+        "trace": source, "trace_experts": workload.num_experts,
+        "trace_windows": {k: len(v) for k, v in layers_in.items()},
         "skipped_layers": skipped,
         "split": args.split, "experts": E, "top_k_from_trace": top_k, "tokens_per_gpu": args.tokens_per_gpu,
         "steps_per_row": args.steps_per_row, "d_model": dims.d_model, "d_ffn": dims.d_ffn,
-        "act_bytes": dims.act_bytes, "param_bytes": dims.param_bytes, "state_bytes_per_param": dims.state_bytes_per_param,
+        "act_bytes": dims.act_bytes, "param_bytes": dims.param_bytes,
+        "state_bytes_per_param": dims.state_bytes_per_param,
         "expert_bytes_moved_per_slot": dims.expert_bytes, "pool_K": args.pool, "planner_time_limit_s": args.time_limit,
         "layouts": {str(g): dataclasses.asdict(choose_layout(E, g)) for g in args.gpus},
     }

@@ -10,6 +10,7 @@ The model of one MoE layer's step::
 
     t_gemm(n, k, m) = o + 2 n k m / theta(n)                                (0 when n = 0: the kernel skips it)
     t_ffn(n)        = c * (2 t_gemm(n, D, F) + t_gemm(n, F, D) + 5 n F b / B_mem)   SwiGLU: gate, up, down, act
+                      (an expert of M matrices: (M - 1) t_gemm(n, D, F) + t_gemm(n, F, D) + (3 M - 4) n F b / B_mem)
     compute_r       = sum over slots s on r of t_ffn(n_s)
     t_a2a           = lambda + max_r N_r * D * b * max(f_intra / B_intra, f_inter / B_inter)
     T_step          = max_r compute_r + P * t_a2a
@@ -40,11 +41,14 @@ theta = sp.Function("theta")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExpertDims:
-    """What the formulas need to know about the model: one SwiGLU expert and how the step runs.
+    """What the formulas need to know about the model: one expert and how the step runs.
 
-    ``state_bytes_per_param`` is what moves with a parameter on a switch besides the parameter itself (fp32 Adam:
-    master copy + two moments = 12). ``training`` adds the backward pass: two GEMMs per forward GEMM, and the
-    all-to-all twice more.
+    The expert is ``matrices`` weight matrices of ``d_model x d_ffn``: the last projects F -> D (down), the others
+    D -> F. Three is SwiGLU (gate, up: the activation ``silu(g) * u``), two a plain MLP (up, ``act(h)``); the
+    default stays SwiGLU so callers that name only the widths price what they always did. ``bias_params`` (per
+    expert) only adds to the bytes a switch moves. ``state_bytes_per_param`` is what moves with a parameter on a
+    switch besides the parameter itself (fp32 Adam: master copy + two moments = 12). ``training`` adds the backward
+    pass: two GEMMs per forward GEMM, and the all-to-all twice more.
     """
 
     d_model: int
@@ -53,10 +57,50 @@ class ExpertDims:
     param_bytes: int = 2
     state_bytes_per_param: int = 12
     training: bool = True
+    matrices: int = 3
+    bias_params: int = 0
+
+    def __post_init__(self) -> None:
+        if self.matrices not in (2, 3):
+            raise ValueError(f"ExpertDims prices experts of 2 (MLP) or 3 (gated, SwiGLU) matrices, got {self.matrices}")
+
+    @classmethod
+    def from_weights(cls, d_model: int, weight_shapes: list[tuple[int, ...]], *, param_bytes: int, act_bytes: int,
+                     **kwargs) -> ExpertDims:
+        """The dims of one expert from its parameters' shapes, so the cost model prices the expert that runs.
+
+        2-D shapes are weight matrices with one side ``d_model`` (either orientation; ``[2F, D]`` or ``[D, 2F]``,
+        gate and up concatenated, counts as two matrices of width F, the narrowest side seen); 1-D shapes are
+        biases. ``kwargs`` are the other fields (``state_bytes_per_param``, ``training``). Raises ValueError on
+        shapes no expert of 2 or 3 matrices has, rather than pricing a guess.
+        """
+        widths, bias_params = [], 0
+        for shape in weight_shapes:
+            shape = tuple(int(x) for x in shape)
+            if len(shape) == 1:
+                bias_params += shape[0]
+            elif len(shape) == 2 and d_model in shape:
+                widths.append(shape[1] if shape[0] == d_model else shape[0])
+            else:
+                raise ValueError(f"expert weight of shape {shape}: neither a bias nor a matrix with a side of "
+                                 f"d_model={d_model}")
+        if not widths or min(widths) < 1:
+            raise ValueError(f"no weight matrix among the expert's shapes {list(weight_shapes)}")
+        d_ffn = min(widths)
+        if any(w % d_ffn for w in widths):
+            raise ValueError(f"expert matrix widths {widths} are not multiples of the ffn width {d_ffn}")
+        return cls(d_model=d_model, d_ffn=d_ffn, matrices=sum(w // d_ffn for w in widths), bias_params=bias_params,
+                   param_bytes=param_bytes, act_bytes=act_bytes, **kwargs)
+
+    @property
+    def act_passes(self) -> int:
+        """Elements of width F the activation reads and writes per row: ``act(h)`` reads h and writes a (2); each
+        further D -> F matrix multiplies in one more (reads two, writes one: +3). SwiGLU: 5, what calibrate measures."""
+        return 3 * self.matrices - 4
 
     @property
     def expert_params(self) -> int:
-        return 3 * self.d_model * self.d_ffn
+        return self.matrices * self.d_model * self.d_ffn + self.bias_params
 
     @property
     def expert_bytes(self) -> int:
@@ -68,9 +112,11 @@ def gemm_time_expr(rows, k, m_out):
     return sp.Piecewise((0, sp.Le(rows, 0)), (o + 2 * rows * k * m_out / theta(rows), True))
 
 
-def ffn_time_expr():
-    """Seconds for one slot's tokens through a SwiGLU expert FFN (three GEMMs and the activation)."""
-    return c * (2 * gemm_time_expr(n, D, F) + gemm_time_expr(n, F, D) + 5 * n * F * b / B_mem)
+def ffn_time_expr(matrices: int = 3):
+    """Seconds for one slot's tokens through an expert FFN of ``matrices`` weight matrices (SwiGLU's three by
+    default: gate, up, down, and the activation); the count is a number, not a symbol, so reports read as before."""
+    return c * ((matrices - 1) * gemm_time_expr(n, D, F) + gemm_time_expr(n, F, D)
+                + (3 * matrices - 4) * n * F * b / B_mem)
 
 
 def a2a_time_expr():
@@ -157,7 +203,7 @@ def compile_cost_model(profile: Profile, dims: ExpertDims, ranks: int) -> CostMo
         expr = expr.subs(consts).replace(theta, theta_impl)
         return sp.lambdify(var, expr, modules="math")
 
-    return CostModel(profile=profile, dims=dims, ranks=ranks, ffn_s=compile_(ffn_time_expr(), n),
+    return CostModel(profile=profile, dims=dims, ranks=ranks, ffn_s=compile_(ffn_time_expr(dims.matrices), n),
                      a2a_s=compile_(a2a_time_expr(), N), passes=int(consts[P]),
                      switch_s_of=compile_(switch_time_expr(), m))
 
@@ -167,6 +213,6 @@ def numeric_formula(expr, profile: Profile, dims: ExpertDims, ranks: int, values
     subs = {**constants(profile, dims, ranks), **values}
     value = expr.subs(subs).replace(theta, lambda x: sp.Float(profile.gemm.flops_per_s(float(x))))
     parts = [f"{sym} = {float(subs[sym]):.4g}" for sym in sorted(expr.free_symbols, key=str) if sym in subs]
-    parts += [f"{call.func}({float(call.args[0].subs(subs)):.4g}) = {profile.gemm.flops_per_s(float(call.args[0].subs(subs))):.4g}"
-              for call in expr.atoms(sp.core.function.AppliedUndef)]
+    args = [(call.func, float(call.args[0].subs(subs))) for call in expr.atoms(sp.core.function.AppliedUndef)]
+    parts += [f"{func}({x:.4g}) = {profile.gemm.flops_per_s(x):.4g}" for func, x in args]
     return ", ".join(parts), float(value.evalf())

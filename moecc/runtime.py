@@ -328,25 +328,25 @@ def candidates(layer: SlotLayer, load_E: list[float]):
 def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
     """(best placement, predicted per-step gain, predicted switch cost), or None to stay."""
     from moecc.costmodel.formulas import ExpertDims, compile_cost_model
+    from moecc.costmodel.switching import LastSwitch, decide_switch
 
     if layer.config is None or sum(load_E) == 0:
         return None
-    dims = ExpertDims(d_model=layer.d_model, d_ffn=layer.d_ffn, act_bytes=4, param_bytes=4)
+    shapes = getattr(layer, "expert_weight_shapes", None)  # one expert's weights: price the expert that runs
+    if shapes is not None:
+        dims = ExpertDims.from_weights(layer.d_model, shapes, param_bytes=getattr(layer, "param_bytes", 4),
+                                       act_bytes=getattr(layer, "act_bytes", 4))
+    else:  # a layer that does not record its shapes: SwiGLU of the width its parameter count gives, fp32
+        dims = ExpertDims(d_model=layer.d_model, d_ffn=layer.d_ffn, act_bytes=4, param_bytes=4)
     model = compile_cost_model(profile, dims, layer.placement.layout.ranks)
     per_step = [x / interval_steps for x in load_E]
-    current = model.step_s(layer.placement, per_step)
-    best = min(candidates(layer, per_step), key=lambda p: model.step_s(p, per_step))
-    gain = current - model.step_s(best, per_step)
-    cost = model.switch_s(layer.placement, best)
-    moves = sum(1 for a, b in zip(layer.placement.expert_S, best.expert_S) if b >= 0 and a != b)
-    if layer.switch_log:  # what switches really cost and gained here beats the profile's guess
-        last = layer.switch_log[-1]
-        cost = max(cost, last.switch_s / max(1, len(last.moved_experts)) * moves)
-        if last.measured_gain_s is not None and last.predicted_gain_s > 0:
-            gain *= min(1.0, max(0.0, last.measured_gain_s / last.predicted_gain_s))
-    if best.expert_S == layer.placement.expert_S or gain * interval_steps <= cost:
-        return None
-    return best, gain, cost
+    last = None
+    if layer.switch_log:
+        r = layer.switch_log[-1]
+        last = LastSwitch(predicted_gain_s=r.predicted_gain_s, switch_s=r.switch_s,
+                          moved_experts=len(r.moved_experts), measured_gain_s=r.measured_gain_s)
+    choice = decide_switch(model, layer.placement, candidates(layer, per_step), per_step, interval_steps, last)
+    return None if choice is None else (choice.placement, choice.gain_s, choice.cost_s)
 
 
 def _slowest_rank(seconds: float) -> float:
