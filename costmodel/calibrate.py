@@ -1,13 +1,14 @@
 """``moecc calibrate``: measure this machine and fit a profile; and fitting a profile to measured step times.
 
 What is measured (torch, imported only here): GEMMs at expert-like shapes over a range of row counts, the fixed
-cost of one GEMM call, the effective bandwidth of the expert's elementwise work (its SwiGLU activation), and, when started under ``torchrun`` with several processes,
-all-to-all latency and bandwidth (gloo on CPU, NCCL on GPU). Fields it cannot measure (the other link level,
-device memory on a GPU-less run) come from a base profile and are said so in ``source``.
+cost of one GEMM call, the effective bandwidth of the expert's elementwise work (its SwiGLU activation), and,
+when started under ``torchrun`` with several processes, all-to-all latency and bandwidth (gloo on CPU, NCCL on
+GPU). Fields it cannot measure (the other link level, device memory on a GPU-less run) come from a base profile
+and are said so in ``source``.
 
 The fit: each GEMM's throughput is ``flops / (t - overhead)``; the table keeps, per measured row count, the
-geometric mean throughput over the measured shapes. The fit error is the mean absolute relative error of the fitted table's predicted GEMM
-times against every measurement, printed and recorded in ``notes``.
+geometric mean throughput over the measured shapes. The fit error is the mean absolute relative error of the
+fitted table's predicted GEMM times against every measurement, printed and recorded in ``notes``.
 """
 from __future__ import annotations
 
@@ -222,7 +223,93 @@ def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "fl
 
 # -- fitting measured step times ------------------------------------------------------------------------------
 
-def fit_step_times(profile: Profile, dims: ExpertDims, samples: list[tuple[list[float], float]]) -> tuple[Profile, float, float]:
+class StepsError(ValueError):
+    """A ``--fit-steps`` file (or sample list) that cannot be fitted; the message names the offending field."""
+
+
+_STEPS_FIELDS = {"d_model", "d_ffn", "training", "act_bytes", "samples"}
+
+
+def steps_from_dict(data: object) -> tuple[ExpertDims, list[tuple[list[float], float]]]:
+    """Validate a parsed ``--fit-steps`` document: ``{"d_model": D, "d_ffn": F, "training": false, "act_bytes": 4,
+    "samples": [{"tokens_per_slot": [...], "seconds": s}, ...]}`` (``training`` and ``act_bytes`` optional)."""
+    if not isinstance(data, dict):
+        raise StepsError(f"fit-steps document must be a JSON object with {sorted(_STEPS_FIELDS)}, "
+                         f"got {type(data).__name__}")
+    for key in ("d_model", "d_ffn", "samples"):
+        if key not in data:
+            raise StepsError(f"fit-steps field '{key}' is missing")
+    unknown = sorted(data.keys() - _STEPS_FIELDS)
+    if unknown:
+        raise StepsError(f"fit-steps field '{unknown[0]}' is not a fit-steps field (typo?); "
+                         f"fields: {', '.join(sorted(_STEPS_FIELDS))}")
+
+    def integer(key: str) -> int:
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StepsError(f"fit-steps field '{key}' must be a positive integer, got {_short(value)}")
+        return value
+
+    training = data.get("training", False)
+    if not isinstance(training, bool):
+        raise StepsError(f"fit-steps field 'training' must be true or false, got {_short(training)}")
+    dims = ExpertDims(d_model=integer("d_model"), d_ffn=integer("d_ffn"), training=training,
+                      act_bytes=integer("act_bytes") if "act_bytes" in data else 4)
+    samples = data["samples"]
+    if not isinstance(samples, list) or not samples:
+        raise StepsError("fit-steps field 'samples' must be a non-empty list of "
+                         '{"tokens_per_slot": [...], "seconds": s}')
+    out = []
+    for i, sample in enumerate(samples):
+        where = f"samples[{i}]"
+        if not isinstance(sample, dict) or set(sample) != {"tokens_per_slot", "seconds"}:
+            got = f"fields {_short(sorted(sample))}" if isinstance(sample, dict) else f"a {type(sample).__name__}"
+            raise StepsError(f"fit-steps field '{where}' must be an object with exactly 'tokens_per_slot' and "
+                             f"'seconds', got {got}")
+        tokens, seconds = sample["tokens_per_slot"], sample["seconds"]
+        if not isinstance(tokens, list) or not tokens:
+            raise StepsError(f"fit-steps field '{where}.tokens_per_slot' must be a non-empty list of token counts, "
+                             f"got {_short(tokens)}")
+        for j, x in enumerate(tokens):
+            if not _number(x) or x < 0:
+                raise StepsError(f"fit-steps field '{where}.tokens_per_slot[{j}]' must be a non-negative number, "
+                                 f"got {_short(x)}")
+        if not _number(seconds) or seconds <= 0:
+            raise StepsError(f"fit-steps field '{where}.seconds' must be a number > 0, got {_short(seconds)}")
+        out.append(([float(x) for x in tokens], float(seconds)))
+    if all(x == 0 for tokens, _ in out for x in tokens):
+        raise StepsError("fit-steps field 'samples': every tokens_per_slot is 0, nothing to fit")
+    return dims, out
+
+
+def load_fit_steps(path) -> tuple[ExpertDims, list[tuple[list[float], float]]]:
+    """Read a ``--fit-steps`` file; every failure is a ``StepsError`` naming the file and the field."""
+    from .profile import read_json
+
+    data = read_json(path, "fit-steps", StepsError)
+    try:
+        return steps_from_dict(data)
+    except StepsError as err:
+        raise StepsError(f"{path}: {err}") from None
+
+
+def _number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: object, limit: int = 60) -> str:
+    big = isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100
+    text = f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits" if big else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def fit_step_times(profile: Profile, dims: ExpertDims,
+                   samples: list[tuple[list[float], float]]) -> tuple[Profile, float, float]:
     """Rescale a profile so the single-device expert step matches measured seconds.
 
     ``samples`` are ``(tokens per slot, measured seconds)``. The model is ``u * A + v * B + C`` with A the GEMM
@@ -230,6 +317,10 @@ def fit_step_times(profile: Profile, dims: ExpertDims, samples: list[tuple[list[
     throughput scale, applied as ``1/u``) and ``v`` (the per-call overhead) minimise the relative squared error.
     Returns (the tuned profile, its mean absolute relative error before, after).
     """
+    if not samples:
+        raise StepsError("fit_step_times needs at least one measured step")
+    if any(not seconds > 0 for _, seconds in samples):
+        raise StepsError("every measured step must take > 0 seconds")
     model = compile_cost_model(profile, dims, 1)
     mult = 3 if dims.training else 1
     rows_A, rows_B, rows_C, meas = [], [], [], []
@@ -244,13 +335,20 @@ def fit_step_times(profile: Profile, dims: ExpertDims, samples: list[tuple[list[
             C += mult * 5 * x * dims.d_ffn * dims.act_bytes / profile.memory_bandwidth_Bps
         rows_A.append(A / seconds), rows_B.append(B / seconds), rows_C.append(C / seconds), meas.append(seconds)
     # weighted least squares on relative error: minimise sum (u a + v b + c - 1)^2
-    saa = sum(a * a for a in rows_A); sbb = sum(b * b for b in rows_B); sab = sum(a * b for a, b in zip(rows_A, rows_B))
-    ra = sum(a * (1 - c) for a, c in zip(rows_A, rows_C)); rb = sum(b * (1 - c) for b, c in zip(rows_B, rows_C))
+    saa = sum(a * a for a in rows_A)
+    sbb = sum(b * b for b in rows_B)
+    sab = sum(a * b for a, b in zip(rows_A, rows_B))
+    ra = sum(a * (1 - c) for a, c in zip(rows_A, rows_C))
+    rb = sum(b * (1 - c) for b, c in zip(rows_B, rows_C))
     det = saa * sbb - sab * sab
-    u, v = ((ra * sbb - rb * sab) / det, (saa * rb - sab * ra) / det) if det else (1.0, profile.gemm.call_overhead_s)
-    if u <= 0 or v < 0:  # degenerate data: keep the overhead, fit the scale alone
+    u, v = ((ra * sbb - rb * sab) / det, (saa * rb - sab * ra) / det) if det else (0.0, 0.0)
+    if u <= 0 or v < 0:  # degenerate data (or one sample: u and v inseparable): keep the overhead, fit the scale
         v = profile.gemm.call_overhead_s
-        u = sum(a * (1 - c - v * b) for a, b, c in zip(rows_A, rows_B, rows_C)) / saa
+        u = sum(a * (1 - c - v * b) for a, b, c in zip(rows_A, rows_B, rows_C)) / saa if saa else 0.0
+    if not (u > 0 and math.isfinite(u)):
+        raise StepsError("the measured steps are no longer than the model's elementwise work and GEMM call "
+                         "overheads alone, so no positive GEMM throughput scale fits them; check 'seconds' "
+                         "(seconds per step, not milliseconds) and 'd_model'/'d_ffn'")
     table = GemmTable(dtype=profile.gemm.dtype, call_overhead_s=v,
                       points=tuple((f, t / u) for f, t in profile.gemm.points))
     tuned = dataclasses.replace(profile, gemm=table, source=profile.source + "; GEMM scale and overhead fitted to "

@@ -26,7 +26,8 @@ class SlotLayout:
 
     def __post_init__(self) -> None:
         if self.ranks < 1 or self.slots_per_rank < 1:
-            raise ValueError(f"SlotLayout needs ranks >= 1 and slots_per_rank >= 1, got {self.ranks}, {self.slots_per_rank}")
+            raise ValueError(f"SlotLayout needs ranks >= 1 and slots_per_rank >= 1, "
+                             f"got {self.ranks}, {self.slots_per_rank}")
 
     @property
     def num_slots(self) -> int:
@@ -77,7 +78,7 @@ class Placement:
                 raise ValueError(f"rank {r} holds an expert twice: {held}")
 
     def experts_per_rank(self) -> list[list[int]]:
-        """The expert in each slot, one list per rank (``-1`` for empty): the ``plans`` entry of ``moecc plan --json``."""
+        """The expert in each slot, one list per rank (``-1`` for empty): ``plans`` in ``moecc plan --json``."""
         return [[self.expert_S[s] for s in self.layout.slots_of(r)] for r in range(self.layout.ranks)]
 
     def tokens_per_slot(self, load_E: list[float]) -> list[float]:
@@ -131,7 +132,8 @@ class Pool:
             if p.layout != self.layout:
                 raise ValueError(f"placement {i} has layout {p.layout}, the pool's is {self.layout}")
             if p.num_experts != self.placements[0].num_experts:
-                raise ValueError(f"placement {i} has {p.num_experts} experts, placement 0 has {self.placements[0].num_experts}")
+                raise ValueError(f"placement {i} has {p.num_experts} experts, "
+                                 f"placement 0 has {self.placements[0].num_experts}")
 
     @property
     def num_experts(self) -> int:

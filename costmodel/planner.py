@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import pulp
 
 from .formulas import CostModel
-from .greedy import InfeasibleError, check_feasible, greedy_placement, robust_greedy_placement
+from .greedy import InfeasibleError, check_feasible, greedy_placement, robust_greedy_placement, static_placement
 from .placement import EMPTY, Placement, Pool, SlotLayout, placement_from_ranks
 
 
@@ -92,7 +92,9 @@ def plan_terms(model: CostModel, layout: SlotLayout, load_WE: list[list[float]])
     """
     n_bar = max(1.0, sum(sum(row) for row in load_WE) / len(load_WE) / len(load_WE[0]))
     lo, hi = 0.5 * n_bar, 2.0 * n_bar
-    slope = (model.ffn_s(hi) - model.ffn_s(lo)) / (hi - lo)
+    # non-negative since ``ffn_s`` is non-decreasing (``GemmTable.flops_per_s``); a negative slope made CBC's
+    # warm start infeasible (``C_w`` below its bound 0) and the planner prefer piling tokens on a slot
+    slope = max(0.0, (model.ffn_s(hi) - model.ffn_s(lo)) / (hi - lo))
     comm = model.passes * (model.a2a_s(hi) - model.a2a_s(lo)) / (hi - lo) if model.ranks > 1 else 0.0
     return PlanTerms(compute_per_token_s=slope, per_slot_s=max(0.0, model.ffn_s(n_bar) - slope * n_bar),
                      comm_per_token_s=comm, switch_s=model.switch_s_of(layout.slots_per_rank))
@@ -173,7 +175,8 @@ def greedy_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[in
     pool = None
     for _ in range(3):
         used = sorted(set(group))
-        placements = tuple(greedy_placement(layout, _mean_load(load_WE, steps_W, [w for w, g in enumerate(group) if g == k]))
+        placements = tuple(greedy_placement(layout, _mean_load(load_WE, steps_W,
+                                                               [w for w, g in enumerate(group) if g == k]))
                            for k in used)
         pool = Pool(layout=layout, placements=placements)
         _, regroup = best_assignment(_cost_WK(pool, load_WE, terms), steps_W, terms.switch_s)
@@ -193,7 +196,7 @@ def _members_for(layout: SlotLayout, load_WE, steps_W, group: list[int], terms: 
         mean = _mean_load(load_WE, steps_W, windows)
         candidates = [greedy_placement(layout, mean), greedy_placement(layout, mean, fill=True),
                       robust_greedy_placement(layout, sub), robust_greedy_placement(layout, sub, fill=True)]
-        members.append(min(candidates, key=lambda p: sum(plan_step_s(p, l, terms) * s for l, s in zip(sub, steps))))
+        members.append(min(candidates, key=lambda p: sum(plan_step_s(p, x, terms) * s for x, s in zip(sub, steps))))
     return tuple(members)
 
 
@@ -224,7 +227,7 @@ def polish_shares(placement: Placement, load_WE: list[list[float]], steps_W: lis
             load = [(g[r, x], -load_WE[w][x] / scale) for x in mine if load_WE[w][x]]
             prob += lin(load + [(T[w], 1)]) >= 0
             prob += lin([(v, a_c * c) for v, c in load] + [(C[w], 1)]) >= b * len(mine)
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
+    prob.solve(pulp.PULP_CBC_CMD(msg=False))  # serial CBC: see solve_pool_ilp on ``threads``
     if prob.sol_status != pulp.LpSolutionOptimal:
         return placement
     ranks = [[(x, g[r, x].value() or 0.0) for q, x in held if q == r] for r in range(layout.ranks)]
@@ -247,24 +250,31 @@ def _units(load_WE: list[list[float]], ranks: int, terms: PlanTerms) -> tuple[fl
 
     Returns (token scale, compute and comm weights summing to 1, per-slot cost in those units)."""
     scale = sum(sum(row) for row in load_WE) / len(load_WE) / ranks or 1.0
-    per_token = terms.compute_per_token_s + terms.comm_per_token_s
+    per_token = terms.compute_per_token_s + terms.comm_per_token_s or 1.0  # 0 only for a zero-cost model
     return (scale, terms.compute_per_token_s / per_token, terms.comm_per_token_s / per_token,
             terms.per_slot_s / (per_token * scale))
 
 
 def heuristic_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, terms: PlanTerms,
                    *, baseline: tuple[Pool, list[int]], time_budget_s: float) -> tuple[Pool, list[int]]:
-    """The planner's warm start: the best pool over several groupings of the windows, never worse than ``baseline``.
+    """The planner's warm start: the best pool over several groupings of the windows, never worse than ``baseline``
+    nor than static EP alone.
 
     Groupings tried: the baseline's, contiguous stretches of time (a drifting hot set), k-means from random starts.
     Each group gets the best of four LPT variants (``_members_for``), windows regroup by Viterbi once, and the
-    winner's shares are polished by LP (``polish_shares``).
+    winner's shares are polished by LP (``polish_shares``). Static EP is a candidate because the LPT variants can
+    lose to it: their replicas are sized by tokens alone, and each held slot costs ``per_slot_s`` whatever its rows
+    (found by the property tests: 2 experts on 3 ranks, the greedy pool 1.8x static EP's planning objective).
     """
     started = time.perf_counter()
     W = len(load_WE)
     groupings = [list(baseline[1]), [w * min(K, W) // W for w in range(W)]]
     groupings += [_kmeans_groups(load_WE, K, seed=seed) for seed in range(4)]
     best = (planning_objective(baseline[0], load_WE, steps_W, terms), baseline)
+    static = (Pool(layout=layout, placements=(static_placement(layout, len(load_WE[0])),)), [0] * W)
+    static_objective = planning_objective(static[0], load_WE, steps_W, terms)
+    if static_objective < best[0]:
+        best = (static_objective, static)
     for group in groupings:
         for _ in range(2):
             if time.perf_counter() - started > time_budget_s:
@@ -295,8 +305,15 @@ def _cbc_bound(log_text: str) -> float | None:
 
 def solve_pool_ilp(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int], K: int, *, terms: PlanTerms,
                    warm: tuple[Pool, list[int]] | None = None, time_limit_s: float = 10.0, gap_rel: float = 1e-6,
-                   threads: int = 1) -> PoolPlan | None:
-    """Solve the pool ILP (module docstring); None when CBC finds no solution in time (the caller falls back)."""
+                   threads: int | None = None) -> PoolPlan | None:
+    """Solve the pool ILP (module docstring); None when CBC finds no solution in time (the caller falls back).
+
+    ``threads=None`` runs CBC's serial search. Any ``threads`` value, 1 included, switches CBC 2.10 to its threaded
+    search, where about one solve in several thousand of these small models waited 10 s for a worker thread that
+    never started (its log: ``Thread 0 used 0 times, waiting to start 10.000143``) under a 0.12 s limit; found
+    checking the planner's time limit with random instances (tests/test_costmodel_properties.py). None in 6587
+    solves since.
+    """
     started = time.perf_counter()
     W, E, R, S = len(load_WE), len(load_WE[0]), layout.ranks, layout.slots_per_rank
     check_feasible(layout, E)
@@ -480,7 +497,8 @@ def align_pool(pool: Pool) -> Pool:
             row_e = [e if e is not None else (rest.pop(0) if rest else EMPTY) for e in row_e]
             expert_S += row_e
             share_S += [mine.get(e, 0.0) if e != EMPTY else 0.0 for e in row_e]
-        out.append(Placement(layout=layout, num_experts=p.num_experts, expert_S=tuple(expert_S), share_S=tuple(share_S)))
+        out.append(Placement(layout=layout, num_experts=p.num_experts, expert_S=tuple(expert_S),
+                             share_S=tuple(share_S)))
     return Pool(layout=layout, placements=tuple(out))
 
 
@@ -506,6 +524,11 @@ def plan_pool(layout: SlotLayout, load_WE: list[list[float]], steps_W: list[int]
     experts (weights + optimizer state) exceed the profile's device memory.
     """
     started = time.perf_counter()
+    if K < 1:
+        raise ValueError(f"a pool needs at least one placement: K (--pool) must be >= 1, got {K}")
+    if not load_WE or len(steps_W) != len(load_WE) or any(s < 1 for s in steps_W):
+        raise ValueError(f"plan_pool needs one or more windows, each of >= 1 steps: {len(load_WE)} load vectors, "
+                         f"steps {steps_W}")
     E, R = len(load_WE[0]), layout.ranks
     check_feasible(layout, E)
     check_memory(layout, model)
@@ -589,7 +612,8 @@ def check_memory(layout: SlotLayout, model: CostModel) -> None:
             f"({model.profile.device_memory_bytes / 1e9:.3g} GB); use fewer slots per rank or more ranks")
     if layout.ranks > model.profile.max_ranks:
         raise InfeasibleError(f"{layout.ranks} ranks exceed the profile's {model.profile.nodes} nodes x "
-                              f"{model.profile.devices_per_node} devices")
+                              f"{model.profile.devices_per_node} devices; use at most {model.profile.max_ranks} "
+                              f"ranks or a profile with more nodes")
 
 
 # -- evaluation with the full model: reports and the runtime ---------------------------------------------------
@@ -626,7 +650,8 @@ def simulate_online(pool: Pool, load_WE: list[list[float]], steps_W: list[int], 
         switch_total += model.switch_s(pool.placements[path[-1]], pool.placements[k])
         total += step[w][k] * steps_W[w]
         path.append(k)
-    return PoolEvaluation(expected_step_s=(total + switch_total) / sum(steps_W), step_s_WK=tuple(tuple(r) for r in step),
+    return PoolEvaluation(expected_step_s=(total + switch_total) / sum(steps_W),
+                          step_s_WK=tuple(tuple(r) for r in step),
                           assignment=tuple(path), switches=sum(a != b for a, b in zip(path, path[1:])),
                           switch_s_total=switch_total)
 

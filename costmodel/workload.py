@@ -39,7 +39,7 @@ class Workload:
         if name is None:
             return next(iter(self.layers.values()))
         if name not in self.layers:
-            raise KeyError(f"layer {name!r} not in trace; layers: {', '.join(self.layers)}")
+            raise KeyError(f"layer {name!r} not in trace; layers: {', '.join(map(repr, self.layers))}")
         return self.layers[name]
 
 
@@ -55,7 +55,7 @@ def workload_from_dict(data: object) -> Workload:
         raise TraceError(f"trace field '{unknown[0]}' is not a trace field")
     E = data["num_experts"]
     if isinstance(E, bool) or not isinstance(E, int) or E < 1:
-        raise TraceError(f"trace field 'num_experts' must be a positive integer, got {E!r}")
+        raise TraceError(f"trace field 'num_experts' must be a positive integer, got {_short(E)}")
     layers = data["layers"]
     if not isinstance(layers, dict) or not layers:
         raise TraceError("trace field 'layers' must be a non-empty object of layer name -> rows")
@@ -68,10 +68,11 @@ def workload_from_dict(data: object) -> Workload:
             where = f"layers.{name}[{t}]"
             if not isinstance(row, list) or len(row) != E:
                 got = len(row) if isinstance(row, list) else type(row).__name__
-                raise TraceError(f"trace field '{where}' must have num_experts={E} counts, got {got}")
+                raise TraceError(f"trace field '{where}' must have num_experts={_short(E)} counts, got {got}")
             for e, c in enumerate(row):
-                if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-                    raise TraceError(f"trace field '{where}[{e}]' must be a non-negative number, got {c!r}")
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not _finite(c) or c < 0:
+                    raise TraceError(f"trace field '{where}[{e}]' must be a non-negative finite number, "
+                                     f"got {_short(c)}")
             checked.append(tuple(row))
         out[name] = tuple(checked)
     return Workload(num_experts=E, layers=out)
@@ -81,11 +82,24 @@ def workload_to_dict(w: Workload) -> dict:
     return {"num_experts": w.num_experts, "layers": {k: [list(r) for r in v] for k, v in w.layers.items()}}
 
 
-def load_trace(path: str | Path) -> Workload:
+def _finite(value: int | float) -> bool:
     try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise TraceError(f"trace {path} is not valid JSON: {err}") from None
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
+
+
+def _short(value: object, limit: int = 60) -> str:
+    big = isinstance(value, int) and value.bit_length() > 100
+    text = f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits" if big else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_trace(path: str | Path) -> Workload:
+    """Read a trace file; every failure is a ``TraceError`` naming the file and the field."""
+    from .profile import read_json
+
+    data = read_json(path, "trace", TraceError)
     try:
         return workload_from_dict(data)
     except TraceError as err:

@@ -10,6 +10,7 @@ import argparse
 import os
 import runpy
 import sys
+import traceback
 
 
 def add_commands(subparsers) -> None:
@@ -19,13 +20,77 @@ def add_commands(subparsers) -> None:
                                             "`python -m`) in this process, then print moecc.report(): every MoE "
                                             "block compiled, its router, experts and weight layout, and whether "
                                             "it was rewritten or why not.")
-    rep.add_argument("target", metavar="SCRIPT_OR_MODULE")
+    # optional to argparse only so that a missing target gets our message, not "required: ..., args"
+    rep.add_argument("target", metavar="SCRIPT_OR_MODULE", nargs="?")
     # Everything after the target is the script's (options of ``report`` itself go before the target).
     rep.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     rep.add_argument("--html", metavar="FILE", help="also write the report as HTML")
     rep.add_argument("--svg", metavar="FILE", help="also write the report as SVG")
-    rep.add_argument("--width", type=int, default=160, help="console width for the table (default 160)")
+    rep.add_argument("--width", type=_width, default=160, help="console width for the table (default 160)")
     rep.set_defaults(run=run_report)
+
+
+def _width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of columns >= 20, got {text!r}") from None
+    if value < 20:
+        raise argparse.ArgumentTypeError(f"must be a whole number of columns >= 20, got {value}")
+    return value
+
+
+class TargetError(ValueError):
+    """SCRIPT_OR_MODULE names nothing that can run."""
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or (os.altsep is not None and os.altsep in target)
+
+
+def check_target(target: str) -> None:
+    """Raise ``TargetError`` (the fix in its message) unless ``target`` is a script, a folder or zip with a
+    ``__main__.py``, or an importable module with code to run."""
+    if os.path.isdir(target):
+        if not os.path.isfile(os.path.join(target, "__main__.py")):
+            raise TargetError(f"SCRIPT_OR_MODULE {target!r} is a directory without a __main__.py; give the .py "
+                              f"script inside it, or a module name")
+        return
+    if os.path.isfile(target):
+        return
+    if _is_path(target):
+        raise TargetError(f"SCRIPT_OR_MODULE {target!r}: no such script (check the path; a module is given by "
+                          f"its dotted name, without .py)")
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as err:  # a missing parent package, or an empty/relative name
+        spec, why = None, f" ({err})"
+    else:
+        why = ""
+    if spec is None:
+        raise TargetError(f"SCRIPT_OR_MODULE {target!r}: no such file, and no importable module of that name{why}; "
+                          f"give a .py path or a dotted module name on sys.path")
+    if spec.submodule_search_locations is not None:
+        try:
+            main_spec = importlib.util.find_spec(f"{target}.__main__")
+        except ImportError:
+            main_spec = None
+        if main_spec is None:
+            raise TargetError(f"SCRIPT_OR_MODULE {target!r} is a package without a __main__ module; name one of "
+                              f"its modules instead")
+
+
+def _check_output(flag: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'report.' + flag[2:])}"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: folder {parent} does not exist; create it first or write elsewhere"
+    return None
 
 
 def run_target(target: str, args: list[str]) -> None:
@@ -33,8 +98,9 @@ def run_target(target: str, args: list[str]) -> None:
     saved = sys.argv
     sys.argv = [target, *args]
     try:
-        if target.endswith(".py") or os.path.isfile(target):
-            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        if os.path.exists(target):
+            if os.path.isfile(target):  # (run_path puts a directory or zip on sys.path itself)
+                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
             runpy.run_path(target, run_name="__main__")
         else:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -42,24 +108,47 @@ def run_target(target: str, args: list[str]) -> None:
         sys.argv = saved
 
 
+def _fail(message: str, code: int = 2) -> int:
+    print(f"moecc: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
 def run_report(args) -> int:
     import importlib
 
     report = importlib.import_module("moecc.report")  # the module (``moecc.report`` is also the function)
 
+    if args.target is None:
+        return _fail("moecc report needs SCRIPT_OR_MODULE: a .py path or a module name, e.g. "
+                     "'moecc report samples/demo.py'")
+    try:
+        check_target(args.target)
+    except TargetError as err:
+        return _fail(str(err))
+    for flag, path in (("--html", args.html), ("--svg", args.svg)):
+        problem = _check_output(flag, path)
+        if problem:
+            return _fail(problem)
     before = len(report.report().blocks)
     try:
         run_target(args.target, [a for i, a in enumerate(args.args) if not (i == 0 and a == "--")])
     except SystemExit as exc:  # a script that calls sys.exit(0) still ran
         if exc.code not in (None, 0):
-            raise
+            code = exc.code if isinstance(exc.code, int) else 1
+            return _fail(f"{args.target} exited with status {exc.code!r}; no report", code)
+    except Exception as err:  # the script's own error: its traceback is the script's, not moecc's
+        traceback.print_exc()
+        return _fail(f"{args.target} raised {type(err).__name__}: {err} (its traceback is above); no report", 1)
     rep = report.Report(report.report().blocks[before:])
     if not rep.blocks:
         print(f"moecc report: {args.target} compiled no MoE block with backend='moecc'", file=sys.stderr)
     console = report.console(width=args.width)
     console.print(rep)
-    if args.html:
-        console.save_html(args.html, clear=False)
-    if args.svg:
-        console.save_svg(args.svg, clear=False, title="moecc report")
+    try:
+        if args.html:
+            console.save_html(args.html, clear=False)
+        if args.svg:
+            console.save_svg(args.svg, clear=False, title="moecc report")
+    except OSError as err:
+        return _fail(f"cannot write the report: {err}")
     return 0 if rep.blocks else 1
