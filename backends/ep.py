@@ -1,17 +1,17 @@
-"""Expert parallelism: slots sharded across ranks, rows moved with functional all-to-all inside the graph.
+"""Expert parallelism: slots sharded across ranks, rows moved by all-to-all custom ops inside the graph.
 
 Every rank keeps the user's whole model (the module is never changed); a rank *hosts* the experts placed in its
-slots and computes only rows routed there. Per block and step:
+slots and computes only rows routed there. Per block and step (``dispatch.ExpertParallelDispatch`` emits it):
 
     rank of each routed row  = slot // slots_per_rank, slot chosen from the placement tensors (replicas by share)
-    counts exchange          : all_to_all_single(send_counts_R) -> recv_counts_R (split sizes for the rows)
-    rows exchange            : all_to_all_single_autograd(x_sorted, recv, send) with each row's expert id
-    local experts            : the received rows grouped by expert id, one grouped GEMM per expert weight
-    rows back                : all_to_all_single_autograd(y, send, recv), then the usual weighted combine
+    counts exchange          : moecc::all_to_all_counts(send_counts_R) -> recv_counts_R (split sizes for the rows)
+    rows exchange            : moecc::all_to_all_rows(x_sorted, send, recv) with each row's expert id
+    local experts            : the received rows grouped by expert id
+    rows back                : moecc::all_to_all_rows(y, recv, send), then the usual weighted combine
 
 The exchanges are two small custom ops over ``torch.distributed.all_to_all_single`` (gloo and NCCL alike), with
-fakes and a backward, so Dynamo, AOTAutograd and Inductor see them as single nodes. The placement lives in two buffers, so switching placements
-within a pool changes data, never the graph.
+fakes and a backward, so Dynamo, AOTAutograd and Inductor see them as single nodes. The placement lives in two
+buffers, so switching placements within a pool changes data, never the graph.
 """
 from __future__ import annotations
 
@@ -154,21 +154,12 @@ def rank_counts(offsets_S: Tensor, slots_per_rank: int) -> Tensor:
     return counts_S.view(-1, slots_per_rank).sum(1)
 
 
-def resolve(options: dict, num_experts: int) -> EPConfig | None:
-    """The EP config for a compile: None on one process; otherwise from ``moecc.*`` options or the defaults.
-
-    Options: ``ep`` (bool, default on when a process group with several ranks exists), ``group`` (a process group),
-    ``slots_per_rank`` (int), ``placement`` (a costmodel ``Placement`` or a list per rank of expert ids).
-    """
-    if not dist.is_available() or not dist.is_initialized() or not options.get("ep", True):
-        return None
-    group = options.get("group") or dist.group.WORLD
+def expert_parallel_config(group, num_experts: int, placement=None, slots_per_rank: int | None = None) -> EPConfig:
+    """The layout of one block over ``group``: ``placement`` (a costmodel ``Placement`` or a list per rank of the
+    expert in each slot), else round-robin with ``slots_per_rank`` (default ``ceil(E / ranks)``)."""
     ranks = dist.get_world_size(group)
-    if ranks == 1:
-        return None
-    placement = options.get("placement")
     if placement is None:
-        placement = default_placement(num_experts, ranks, options.get("slots_per_rank"))
+        placement = default_placement(num_experts, ranks, slots_per_rank)
     elif not isinstance(placement, Placement):
         placement = placement_from_lists(placement, num_experts)
     if placement.layout.ranks != ranks:

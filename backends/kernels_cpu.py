@@ -10,14 +10,19 @@ import torch
 from torch import Tensor
 
 
+def is_stacked(weights: list[Tensor]) -> bool:
+    """A grouped weight argument is one stacked ``[G, ., .]`` tensor (else a list of G 2-D tensors)."""
+    return len(weights) == 1 and weights[0].dim() == 3
+
+
 def group_weight(weights: list[Tensor], g: int) -> Tensor:
     """Group g's 2-D weight from either a stacked [G, ., .] tensor or a list of 2-D tensors."""
-    return weights[0][g] if len(weights) == 1 and weights[0].dim() == 3 else weights[g]
+    return weights[0][g] if is_stacked(weights) else weights[g]
 
 
 def weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
     """(groups, in width, out width) of a grouped weight argument."""
-    if len(weights) == 1 and weights[0].dim() == 3:
+    if is_stacked(weights):
         groups, a, b = weights[0].shape
     else:
         groups = len(weights)

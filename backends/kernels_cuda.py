@@ -16,8 +16,6 @@ from types import ModuleType
 
 from torch import Tensor
 
-from . import ops
-
 _triton_kernels: ModuleType | None = None
 
 
@@ -41,14 +39,12 @@ def grouped_mm_wgrad_cuda(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transp
     return triton_kernels().grouped_mm_wgrad(x_NI, dy_NO, offsets_S, transpose_w)
 
 
-def register() -> bool:
-    """Register the CUDA kernels when triton is installed; True if it did."""
+def register(grouped_mm_op, grouped_mm_wgrad_op) -> bool:
+    """Register the CUDA kernels on the ops (``backends/ops.py`` calls this) when triton is installed; True if it
+    did. The ops are passed in, so this module never imports ``ops``: registration flows one way."""
     if importlib.util.find_spec("triton") is None:
         return False
-    ops.grouped_mm.register_kernel("cuda")(grouped_mm_cuda)
-    ops.grouped_mm_wgrad.register_kernel("cuda")(grouped_mm_wgrad_cuda)
+    grouped_mm_op.register_kernel("cuda")(grouped_mm_cuda)
+    grouped_mm_wgrad_op.register_kernel("cuda")(grouped_mm_wgrad_cuda)
     # sort_by_slot keeps its default kernel: argsort + bincount + cumsum are device ops already, with no host sync.
     return True
-
-
-REGISTERED = register()

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kernels_cpu import is_stacked
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Scatter modes of the grouped GEMM epilogue.
@@ -412,7 +414,7 @@ def _weight_operand(weights: list[Tensor], transpose_w: bool) -> tuple[Tensor, T
     addresses, so steady state costs no host-to-device copy. Lists with mixed strides, or a weight not 16-byte
     aligned (the kernel promises the compiler aligned bases), fall back to one stack.
     """
-    if len(weights) == 1 and weights[0].dim() == 3:
+    if is_stacked(weights):
         w = weights[0]
         stride_g, s1, s2 = w.stride()
         return w, None, (stride_g, s2, s1) if transpose_w else (stride_g, s1, s2)
@@ -464,7 +466,7 @@ def _launch_grouped_mm(x: Tensor, weights: list[Tensor], offsets_S: Tensor, tran
 
 
 def _out_width(weights: list[Tensor], transpose_w: bool) -> int:
-    w0 = weights[0][0] if len(weights) == 1 and weights[0].dim() == 3 else weights[0]
+    w0 = weights[0][0] if is_stacked(weights) else weights[0]
     return w0.shape[0] if transpose_w else w0.shape[1]
 
 
@@ -498,7 +500,7 @@ def zero_tail_rows(y_NO: Tensor, offsets_S: Tensor, block_m: int = 64, block_n: 
 
 def grouped_mm(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose_w: bool) -> Tensor:
     """``moecc::grouped_mm`` on CUDA: the tuned choice for this key (Triton config or ``torch._grouped_mm``)."""
-    stacked = len(weights) == 1 and weights[0].dim() == 3
+    stacked = is_stacked(weights)
     width_out = _out_width(weights, transpose_w)
     key = tune_key("grouped_mm", offsets_S.shape[0], x_NI.shape[1], width_out, x_NI.shape[0], x_NI.dtype,
                    _device_name(x_NI), ("stacked" if stacked else "list") + ("_t" if transpose_w else ""))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import expert_ffn_cpu, kernels_cpu
+from . import expert_ffn_cpu, kernels_cpu, kernels_cuda
 
 
 @torch.library.custom_op("moecc::sort_by_slot", mutates_args=())
@@ -67,7 +67,7 @@ def _(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transpose_w: bool) -> Tens
 def _grouped_mm_setup(ctx, inputs, output) -> None:
     x_NI, weights, offsets_S, transpose_w = inputs
     ctx.transpose_w = transpose_w
-    ctx.stacked = len(weights) == 1 and weights[0].dim() == 3
+    ctx.stacked = kernels_cpu.is_stacked(weights)
     ctx.num_weights = len(weights)
     ctx.save_for_backward(x_NI, offsets_S, *weights)
 
@@ -219,12 +219,5 @@ def routed_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     return expert_ffn(x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, needs_grad)[0]
 
 
-def _load_device_kernels() -> None:
-    """Register CUDA (Triton) implementations of the ops when that module and a GPU toolchain are present."""
-    try:
-        from . import kernels_cuda  # noqa: F401  (registers on import)
-    except ImportError:
-        pass
-
-
-_load_device_kernels()
+# CUDA (Triton) implementations, when triton is installed; kernels_cuda imports neither triton nor this module.
+CUDA_KERNELS = kernels_cuda.register(grouped_mm, grouped_mm_wgrad)

@@ -57,7 +57,6 @@ def run_row(family: str, impl: str, backend: str | None, size: str, reps: int) -
     tokens = make_input()
     torch._dynamo.reset()
     counters.clear()
-    before = len(moecc.report().blocks)
     runner = model if backend is None else torch.compile(model, backend=backend)
     compile_start = time.perf_counter()
 
@@ -77,7 +76,7 @@ def run_row(family: str, impl: str, backend: str | None, size: str, reps: int) -
         row["graphs"] = counters["stats"]["unique_graphs"]
         row["graph_breaks"] = sum(counters["graph_break"].values())
     if backend == "moecc":
-        records = moecc.report().blocks[before:]
+        records = moecc.report(model).blocks
         row["blocks"] = len(records)
         row["rewritten"] = sum(r.rewritten for r in records)
         row["fallbacks"] = sorted({r.outcome for r in records if not r.rewritten})

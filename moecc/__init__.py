@@ -14,10 +14,11 @@ from moecc.report import Report, report
 
 _EXPORTS = {
     "moecc_backend": "moecc.backend", "register": "moecc.backend",
-    "attach": "moecc.runtime", "consolidate": "moecc.runtime", "expert_parameter_names": "moecc.runtime",
-    "switch": "moecc.runtime", "switch_log": "moecc.runtime", "sync_expert_grads": "moecc.runtime",
+    "Options": "moecc.options", "session": "moecc.sessions", "attach": "moecc.sessions",
+    "consolidate": "moecc.sessions", "expert_parameter_names": "moecc.sessions", "save_trace": "moecc.sessions",
+    "sync_expert_grads": "moecc.sessions", "switch": "moecc.runtime", "set_capacity_factor": "moecc.runtime",
 }
-__all__ = sorted([*_EXPORTS, "Report", "report"])
+__all__ = ["Report", "report", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str):

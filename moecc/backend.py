@@ -6,32 +6,37 @@ checkout without the entry point and is a no-op when the name is already known (
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._inductor.compile_fx import compile_fx
 
-from moecc import capture
-from moecc.passes.moe_pass import moe_pass
-from moecc.report import record_blocks
-
-_graph_ids = itertools.count()
+from moecc import capture, sessions
+from moecc.backends.dispatch import choose_dispatch
+from moecc.options import Options
+from moecc.passes.moe_pass import PassConfig, moe_pass
 
 
 def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """Rewrite the MoE blocks of ``gm`` into expert-slot form and compile the result with Inductor.
 
-    ``torch.compile(model, backend="moecc", options={...})`` passes Inductor options through, except those
-    under the ``"moecc."`` prefix, which are moecc's own.
+    The flow of one compile, top to bottom:
+
+    1. ``Options.parse``: the ``moecc.*`` options, typed (an unknown key is refused); the rest go to Inductor.
+    2. ``session.for_module``: the session of the model Dynamo is tracing (``capture.tracing_module``).
+    3. ``choose_dispatch``: the dispatch strategy of each block (local, or expert-parallel over a process group).
+    4. ``moe_pass``: detect, rewrite, check; returns the new graph and one result per block (pure).
+    5. ``Session.add_graph``: the results become report rows and runtime layers (placement buffers, counters).
+    6. ``compile_fx``: AOTAutograd and Inductor; the moecc ops run as custom-op kernels (``backends/ops.py``).
     """
-    options = dict(kwargs.get("options") or {})
-    moecc_options = {k[len("moecc."):]: options.pop(k) for k in list(options) if k.startswith("moecc.")}
-    name = f"graph {next(_graph_ids)}"
-    if moecc_options.get("rewrite", True):
-        gm, records = moe_pass(gm, example_inputs, graph_name=name, options=moecc_options)
-        record_blocks(records)
-    return compile_fx(gm, example_inputs, config_patches=options or None)
+    options = Options.parse(kwargs.get("options"))
+    owner = sessions.for_module(capture.tracing_module())
+    if options.rewrite:
+        dispatch = choose_dispatch(expert_parallel=options.ep, group=options.group, placement=options.placement,
+                                   slots_per_rank=options.slots_per_rank)
+        config = PassConfig(dispatch=dispatch, fused_ffn=options.fused_ffn, capacity_factor=options.capacity_factor)
+        gm, results = moe_pass(gm, example_inputs, config, graph_name=f"{owner.name} graph {owner.graphs}")
+        owner.add_graph(results, options)
+    return compile_fx(gm, example_inputs, config_patches=options.inductor or None)
 
 
 moecc_backend._moecc_capture = True

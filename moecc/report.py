@@ -1,4 +1,8 @@
-"""``moecc.report()``: what the backend did in this process, one row per MoE block, rendered with rich."""
+"""``moecc.report()``: what the backend did, one row per MoE block, rendered with rich.
+
+The rows come from the sessions (``moecc/session.py``): one model's with ``moecc.report(model)``, every model's
+of the process without an argument.
+"""
 from __future__ import annotations
 
 import io
@@ -7,22 +11,13 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-_blocks: list = []
-
-
-def record_blocks(records) -> None:
-    _blocks.extend(records)
-
-
-def clear() -> None:
-    _blocks.clear()
-
 
 @dataclass(slots=True)
 class Report:
     """Every MoE block the backend saw, in the order it compiled them."""
 
-    blocks: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)  # passes.moe_pass.BlockResult
+    switches: list = field(default_factory=list)  # moecc.runtime.SwitchRecord, oldest first
 
     @property
     def rewritten(self) -> list:
@@ -34,7 +29,7 @@ class Report:
 
     def table(self) -> Table:
         table = Table(title="moecc: MoE blocks")
-        parallel = any(getattr(b, "layout", "") for b in self.blocks)
+        parallel = any(b.layout for b in self.blocks)
         columns = ["graph", "block", "form", "spec", "weights", "outcome"]
         columns += ["experts per rank (slots)", "rows sent per rank"] if parallel else []
         for col in columns:
@@ -44,19 +39,12 @@ class Report:
             weights = "; ".join(s.experts.layouts) if s.experts else ""
             style = "green" if b.rewritten else "yellow"
             spec = "; ".join([s.summary(), *s.notes])
-            outcome = f"{b.outcome} ({b.kernel})" if getattr(b, "kernel", "") else b.outcome
+            outcome = f"{b.outcome} ({b.kernel})" if b.kernel else b.outcome
             row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{outcome}[/]"]
             if parallel:
-                row += [getattr(b, "layout", ""), str(getattr(b, "send_rows", None) or "")]
+                row += [b.layout, str(b.send_rows or "")]
             table.add_row(*row)
         return table
-
-    @property
-    def switches(self) -> list:
-        """Every placement switch the runtime made (moecc.runtime.SwitchRecord), oldest first."""
-        from moecc import runtime
-
-        return runtime.switch_log()
 
     def switch_table(self) -> Table:
         table = Table(title="moecc: placement switches")
@@ -99,6 +87,11 @@ def console(width: int = 160, quiet: bool = False) -> Console:
     return Console(width=width, record=True, file=io.StringIO() if quiet else None)
 
 
-def report() -> Report:
-    """What moecc did in this process so far."""
-    return Report(list(_blocks))
+def report(model=None) -> Report:
+    """What moecc did for ``model`` (the module given to ``torch.compile``, or what it returned), or without a
+    model, for every model of this process so far."""
+    from moecc import sessions
+
+    if model is not None:
+        return sessions.session(model).report()
+    return Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log])

@@ -1,21 +1,23 @@
 """The runtime side of rewritten MoE layers: load monitor, placement switching, gradient upkeep, checkpoints.
 
-Every block the MoE pass rewrites registers a :class:`SlotLayer` here: its experts' parameters, its placement
-buffers (read by the compiled graph, so changing them changes data, never code) and its load counter (tokens per
-expert, summed on the device by the graph at every step, read here every N steps: no per-step host sync).
+Every block the MoE pass rewrites becomes a :class:`SlotLayer` of its model's session (``moecc/session.py``): its
+experts' parameters, its placement buffers (read by the compiled graph, so changing them changes data, never code)
+and its load counter (tokens per expert, summed on the device by the graph at every step, read here every N
+steps: no per-step host sync). The functions here act on the layers they are given; they hold no state.
 
 Under expert parallelism every rank keeps the user's whole model; a rank *hosts* the experts its slots hold and
-only hosts compute (and get gradients for) an expert. Training needs one line, ``moecc.attach(optimizer)``:
+only hosts compute an expert. Training needs one line, ``moecc.attach(optimizer)``:
 
-- before each ``optimizer.step()``: replicas' partial gradients are summed; experts this rank does not host get no
-  gradient (the optimizer leaves their copies alone); ``average=True`` divides expert gradients by the world size
-  to match DDP's averaging of the dense parameters;
+- before each ``optimizer.step()``: replicas' partial gradients are summed; ModuleList experts this rank does not
+  host get no gradient (the optimizer leaves their copies alone; the slices of a stacked weight that this rank
+  does not host hold zeros, and AdamW's decay still moves them, so only the hosts' slices are authoritative);
+  ``average=True`` divides expert gradients by the world size to match DDP's averaging of the dense parameters;
 - after each step, every ``check_every`` steps (the commit point between the step and the next forward): the load
   window is summed over ranks, each candidate placement is priced with the cost model, and the layer switches
-  when the predicted saving over the next interval exceeds the predicted switch cost. Both predictions are
-  corrected by what the last switch really cost and gained (a switch that gained nothing stops further ones). A switch broadcasts the
-  weights, gradients and optimizer state of every expert that gains a host from one of its old hosts, then
-  rewrites the placement buffers in place.
+  when the predicted saving over the next interval exceeds the predicted switch cost (``costmodel/switching.py``
+  decides). Both predictions are corrected by what the last switch really cost and gained (a switch that gained
+  nothing stops further ones). A switch broadcasts the weights, gradients and optimizer state of every expert that
+  gains a host from one of its old hosts, then rewrites the placement buffers in place.
 
 Checkpoints: :func:`consolidate` refreshes every rank's copy of every expert from a host, so ``state_dict()`` is
 the whole model in logical expert order, whatever the placement; it loads under any placement or world size.
@@ -28,23 +30,56 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
+from moecc.passes.moe_pass import ExpertWeights
+
 
 @dataclass(eq=False, slots=True)
 class SlotLayer:
-    """One rewritten block, as the runtime sees it."""
+    """One rewritten block, as the runtime sees it: built from the MoE pass's ``BlockResult``."""
 
     path: str
     num_experts: int
     d_model: int
-    d_ffn: int
-    config: object | None  # backends.ep.EPConfig under expert parallelism, None on one process
-    expert_params: list[list[torch.nn.Parameter]]  # per expert (ModuleList); empty when stacked
-    stacked_params: list[torch.nn.Parameter] = field(default_factory=list)  # [E, ...] parameters
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # placement tensors and the load counter
+    experts: ExpertWeights  # the real expert parameters the compiled graph reads
+    buffers: dict[str, torch.Tensor]  # the placement tensors and the load counter the compiled graph reads
+    config: object | None = None  # backends.ep.EPConfig under expert parallelism (replaced by a switch)
     pool: object | None = None  # costmodel Pool to choose from; None: current vs a greedy re-plan
     switch_log: list = field(default_factory=list)
     local_placement: object | None = None  # one process: slots are all local, the placement is bookkeeping
     trace: list = field(default_factory=list)  # per check: mean routed rows per expert per step (all ranks)
+    optimizers: list = field(default_factory=list)  # the attached optimizers that step this layer's experts
+
+    @classmethod
+    def from_result(cls, result, pool=None) -> SlotLayer:
+        """The layer of a rewritten block (``passes.moe_pass.BlockResult``); ``pool`` only if it fits its layout."""
+        config = getattr(result.dispatch, "config", None)
+        return cls(path=result.spec.path, num_experts=result.spec.num_experts, d_model=result.d_model,
+                   experts=result.experts, buffers=result.buffers, config=config,
+                   pool=pool if config is not None and pool is not None and pool.layout == config.layout else None,
+                   local_placement=result.dispatch.placement if config is None else None)
+
+    @property
+    def expert_params(self) -> list[list[torch.Tensor]]:
+        """Per expert (ModuleList experts); empty when stacked."""
+        return self.experts.per_expert
+
+    @property
+    def stacked_params(self) -> list[torch.Tensor]:
+        """``[E, ...]`` parameters (stacked experts); empty for ModuleList experts."""
+        return self.experts.stacked
+
+    @property
+    def expert_weight_shapes(self) -> list[tuple[int, ...]]:
+        """One expert's weight shapes, as the cost model prices it."""
+        return [tuple(t.shape) for t in self.experts.of_expert(0)]
+
+    @property
+    def param_bytes(self) -> int:
+        return self.experts.of_expert(0)[0].element_size()
+
+    @property
+    def act_bytes(self) -> int:
+        return self.param_bytes  # activations run in the weights' dtype in every form moecc rewrites
 
     @property
     def placement(self):
@@ -66,9 +101,7 @@ class SlotLayer:
 
     def expert_tensors(self, e: int) -> list[torch.Tensor]:
         """Expert e's parameters (views into stacked ones)."""
-        if self.expert_params:
-            return list(self.expert_params[e])
-        return [p[e] for p in self.stacked_params]
+        return self.experts.of_expert(e)
 
 
 @dataclass(slots=True)
@@ -84,34 +117,12 @@ class SwitchRecord:
     measured_gain_s: float | None = None  # mean step time before minus after (filled at the next check)
 
 
-_layers: list[SlotLayer] = []
-_attached: list[torch.optim.Optimizer] = []
-
-
-def register(layer: SlotLayer) -> None:
-    _layers.append(layer)
-
-
-def layers() -> list[SlotLayer]:
-    """Every rewritten layer compiled in this process, oldest first."""
-    return list(_layers)
-
-
-def clear() -> None:
-    _layers.clear()
-    _attached.clear()
-
-
-def switch_log() -> list[SwitchRecord]:
-    return [r for layer in _layers for r in layer.switch_log]
-
-
 # ----------------------------------------------------------------------------------------------- gradients
 
 
-def sync_expert_grads(average: bool = False) -> None:
+def sync_expert_grads(layers: list[SlotLayer], average: bool = False) -> None:
     """Make expert gradients right for this rank's optimizer step (see the module docstring)."""
-    for layer in layers():
+    for layer in layers:
         if layer.config is None:
             continue
         group = layer.group()
@@ -137,10 +148,9 @@ def sync_expert_grads(average: bool = False) -> None:
                 p.grad.div_(world)
 
 
-def expert_parameter_names(model: torch.nn.Module) -> list[str]:
+def expert_parameter_names(model: torch.nn.Module, layers: list[SlotLayer]) -> list[str]:
     """Names of ``model``'s parameters that belong to experts of expert-parallel layers (for DDP to ignore)."""
-    ids = {id(p) for layer in layers() if layer.config for ps in layer.expert_params for p in ps}
-    ids |= {id(p) for layer in layers() if layer.config for p in layer.stacked_params}
+    ids = {id(p) for layer in layers if layer.config for p in layer.experts.all()}
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
@@ -225,36 +235,36 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     """Move ``layer`` to ``placement`` (same slot layout) now: weights, gradients, optimizer state, then the buffers.
 
     Call it on every rank with the same placement, between an optimizer step and the next forward.
-    On one process every slot is local: only the bookkeeping changes.
+    ``optimizers`` default to the ones attached to the layer. On one process there is nothing to switch: every
+    expert has its own local slot, and the call is refused.
     """
     from moecc.backends.ep import placement_tensors
 
-    optimizers = list(optimizers if optimizers is not None else _attached)
+    if layer.config is None:
+        raise ValueError(f"moecc: layer {layer.path!r} runs on one process, where every expert has its own local "
+                         "slot: there is no placement to switch. Switching needs expert parallelism (a process "
+                         "group with several ranks)")
+
+    optimizers = list(optimizers if optimizers is not None else layer.optimizers)
     start = time.perf_counter()
     old = layer.placement
-    moved: list[int] = []
-    if layer.config is not None:
-        if placement.layout != old.layout or placement.num_experts != old.num_experts:
-            raise ValueError(f"moecc: a switch keeps the slot layout ({old.layout}); got {placement.layout}")
-        k = old.layout.slots_per_rank
-        hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
-        hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
-        moved = [e for e in range(layer.num_experts) if hosts_new[e] - hosts_old[e]]
-        for src in sorted({min(hosts_old[e]) for e in moved}):
-            _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)
-        slots, cum = placement_tensors(placement, layer.buffers["replica_slots"].device,
-                                       width=layer.buffers["replica_slots"].shape[1])
-        layer.buffers["replica_slots"].copy_(slots)
-        layer.buffers["replica_cum"].copy_(cum)
-        layer.config = replace(layer.config, placement=placement)
-    else:
-        layer.local_placement = placement
-    elapsed = time.perf_counter() - start
-    if layer.config is not None:
-        # Decisions read this cost back: every rank must see the same number, or they decide apart and hang.
-        cost = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(cost, op=dist.ReduceOp.MAX, group=layer.group())
-        elapsed = float(cost)
+    if placement.layout != old.layout or placement.num_experts != old.num_experts:
+        raise ValueError(f"moecc: a switch keeps the slot layout ({old.layout}); got {placement.layout}")
+    k = old.layout.slots_per_rank
+    hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
+    hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
+    moved = [e for e in range(layer.num_experts) if hosts_new[e] - hosts_old[e]]
+    for src in sorted({min(hosts_old[e]) for e in moved}):
+        _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)
+    slots, cum = placement_tensors(placement, layer.buffers["replica_slots"].device,
+                                   width=layer.buffers["replica_slots"].shape[1])
+    layer.buffers["replica_slots"].copy_(slots)
+    layer.buffers["replica_cum"].copy_(cum)
+    layer.config = replace(layer.config, placement=placement)
+    # Decisions read this cost back: every rank must see the same number, or they decide apart and hang.
+    cost = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(cost, op=dist.ReduceOp.MAX, group=layer.group())
+    elapsed = float(cost)
     record = SwitchRecord(step=step, layer=layer.path,
                           placement_from=old.experts_per_rank() if old else [],
                           placement_to=placement.experts_per_rank(), predicted_gain_s=predicted_gain_s,
@@ -272,28 +282,29 @@ def set_capacity_factor(layer: SlotLayer, factor: float) -> None:
     layer.buffers["capacity_factor"].fill_(float(factor))
 
 
-def consolidate(optimizers=None) -> None:
+def consolidate(layers: list[SlotLayer], optimizers=None) -> None:
     """Refresh every rank's copy of every expert (weights, optimizer state) from its first host.
 
     Call on every rank before ``state_dict()`` / ``optimizer.state_dict()``: the result is the whole model in
-    the user's logical expert order, loadable under any placement or world size.
+    the user's logical expert order, loadable under any placement or world size. ``optimizers`` default to the
+    ones attached to each layer.
     """
-    optimizers = list(optimizers if optimizers is not None else _attached)
-    for layer in layers():
+    for layer in layers:
         if layer.config is None:
             continue
         k = layer.placement.layout.slots_per_rank
         host = {e: min(s // k for s, x in enumerate(layer.placement.expert_S) if x == e)
                 for e in range(layer.num_experts)}
         for src in sorted(set(host.values())):
-            _broadcast_experts(layer, [e for e in host if host[e] == src], src, optimizers)
+            _broadcast_experts(layer, [e for e in host if host[e] == src], src,
+                               list(optimizers if optimizers is not None else layer.optimizers))
 
 
 # ----------------------------------------------------------------------------------------------- monitor
 
 
 @dataclass(slots=True)
-class _Monitor:
+class Monitor:
     check_every: int
     profile: object
     average: bool
@@ -349,9 +360,9 @@ def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
     return None if choice is None else (choice.placement, choice.gain_s, choice.cost_s)
 
 
-def _slowest_rank(seconds: float) -> float:
+def _slowest_rank(seconds: float, layers: list[SlotLayer]) -> float:
     """The step time every rank agrees on (the slowest rank's): decisions read it, so it must not differ."""
-    group = next((layer.group() for layer in layers() if layer.config is not None), None)
+    group = next((layer.group() for layer in layers if layer.config is not None), None)
     if group is None:
         return seconds
     value = torch.tensor([seconds], dtype=torch.float64)
@@ -359,16 +370,18 @@ def _slowest_rank(seconds: float) -> float:
     return float(value)
 
 
-def _after_step(monitor: _Monitor, optimizers) -> None:
+def after_step(monitor: Monitor, layers: list[SlotLayer], optimizers) -> None:
+    """The monitor's work after an optimizer step: every ``check_every`` steps, read the loads and maybe switch."""
     monitor.steps += 1
     if monitor.steps == 1:  # the first step compiles: time windows from the end of it
         monitor.last_check = time.perf_counter()
     if monitor.steps % monitor.check_every:
         return
     now = time.perf_counter()
-    mean_step = _slowest_rank((now - monitor.last_check) / (monitor.check_every - (monitor.steps == monitor.check_every)))
+    steps = monitor.check_every - (monitor.steps == monitor.check_every)
+    mean_step = _slowest_rank((now - monitor.last_check) / steps, layers)
     monitor.last_check = now
-    for layer in layers():
+    for layer in layers:
         if layer.switch_log and layer.switch_log[-1].measured_gain_s is None and monitor.step_times:
             layer.switch_log[-1].measured_gain_s = monitor.step_times[-1] - mean_step
         load = read_loads(layer)
@@ -380,29 +393,11 @@ def _after_step(monitor: _Monitor, optimizers) -> None:
     monitor.step_times.append(mean_step)
 
 
-def attach(optimizer: torch.optim.Optimizer, *, average: bool = False, check_every: int = 50,
-           switching: bool = True, profile=None):
-    """Hook moecc's runtime onto ``optimizer``: gradient upkeep before each step; every ``check_every`` steps
-    after a step, read the loads (kept for :func:`save_trace`) and switch placement when the cost model says it
-    pays (``switching=False`` keeps the placement). ``profile`` is a costmodel ``Profile`` (default: the shipped
-    CPU profile).
-    Returns the two hook handles.
-    """
-    from moecc.costmodel.profile import builtin_profile
-
-    _attached.append(optimizer)
-    monitor = _Monitor(check_every=check_every, profile=profile or builtin_profile("cpu"), average=average,
-                       switching=switching)
-    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: sync_expert_grads(average))
-    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: _after_step(monitor, [optimizer]))
-    return pre, post
-
-
-def save_trace(path: str) -> None:
+def save_trace(layers: list[SlotLayer], path: str) -> None:
     """Write the loads seen at each check as a costmodel trace (one row per check: mean rows per expert per step)."""
     import json
 
-    recorded = [layer for layer in layers() if layer.trace]
+    recorded = [layer for layer in layers if layer.trace]
     if not recorded:
         raise ValueError("moecc: no load window recorded yet (attach an optimizer and train past check_every)")
     data = {"num_experts": recorded[0].num_experts,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .expert_template import _GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
+from .expert_template import GROUPED_CALLS, ExpertTemplate, TemplateError, extract_template, ffn_kind
 from .graph_utils import (
     LINEAR,
     MATMUL,
@@ -27,6 +27,7 @@ from .graph_utils import (
     is_inplace,
     module_path,
     source_path,
+    target_name,
 )
 from .spec import ExpertsSpec, MoESpec, RouterSpec
 
@@ -83,13 +84,9 @@ def _router_weight(gate: fx.Node) -> fx.Node | None:
     """The parameter the router's linear reads, through casts (DeepSeek's ``weight.type(torch.float32)``)."""
     node = gate.args[1] if len(gate.args) > 1 else gate.kwargs.get("weight")
     while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") \
-            and _name(node) in _ROUTER_WEIGHT_VIEWS and len(node.all_input_nodes) == 1:
+            and target_name(node) in _ROUTER_WEIGHT_VIEWS and len(node.all_input_nodes) == 1:
         node = node.all_input_nodes[0]
     return node if isinstance(node, fx.Node) else None
-
-
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _anchor(node: fx.Node) -> tuple[int, int, fx.Node] | None:
@@ -134,14 +131,14 @@ def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]
     # through its base, not through an FX edge: follow in-place writes into the values on the way.
     writes = {u for n in between for u in n.users if is_inplace(u) and u.args[0] is n}
     between |= writes | (ancestors(writes) - ancestors([gate]) - {gate})
-    names = {getattr(n.target, "__name__", str(n.target)) for n in between}
+    names = {target_name(n) for n in between}
     # The router's weights: the top-k values, or scores gathered at the top-k ids (DeepSeek-V3), and what the
     # router module computes from them (renormalisation, scaling).
     values = [u for u in topk.users if is_call(u, operator.getitem) and u.args[1] == 0]
     values += [n for n in block_nodes if is_call(n, torch.gather, "gather") and topk in ancestors([n])]
     router_path = module_path(topk)
     after = descendants(values) & {n for n in block_nodes if _inside(module_path(n), router_path)}
-    after_names = {getattr(n.target, "__name__", str(n.target)) for n in after}
+    after_names = {target_name(n) for n in after}
     score = "softmax" if "softmax" in names else "sigmoid" if "sigmoid" in names else "logits"
     gathers = [n for n in block_nodes if is_call(n, torch.gather, "gather") and topk in ancestors([n])]
     return RouterSpec(
@@ -192,8 +189,8 @@ def _grouped_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[
         users = list(node.users)
         while users:
             u = users.pop()
-            name = getattr(u.target, "__name__", str(u.target)).split(".")[-1]
-            if name in _GROUPED_CALLS or (u.target is operator.getitem and isinstance(u.args[1], fx.Node)):
+            name = target_name(u).split(".")[-1]
+            if name in GROUPED_CALLS or (u.target is operator.getitem and isinstance(u.args[1], fx.Node)):
                 stacked[path] = node
                 break
             if u.op == "call_method" and u.target in ("transpose", "t", "mT", "contiguous"):
@@ -295,7 +292,7 @@ _RANDOM = {"uniform_", "normal_", "bernoulli", "bernoulli_", "exponential_", "ra
 def _random_op(nodes) -> str | None:
     """The name of a random op among ``nodes`` (dropout counts only when it is on), or None."""
     for n in nodes:
-        name = _name(n) if n.op in ("call_function", "call_method") else ""
+        name = target_name(n) if n.op in ("call_function", "call_method") else ""
         if name in _RANDOM:
             return name
         if name in ("dropout", "dropout_") and n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) \

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call, is_inplace
+from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call, is_inplace, target_name
 
 # Ops that only view or re-lay out a weight (``w[e].t()``), folded into the weight reference.
 _WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bfloat16", "half", torch.transpose,
                  torch.t}
 _ROW_PRELUDE = {"to", "float", "bfloat16", "half", "type", "contiguous", "unsqueeze"}
 _ROW_POSTLUDE = {"squeeze"}
-_GROUPED_CALLS = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+GROUPED_CALLS = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
 
 
 class TemplateError(Exception):
@@ -127,14 +127,14 @@ def _is_row_gather(node: fx.Node, weight: fx.Node) -> bool:
             and isinstance(node.args[1], fx.Node))
 
 
-def _is_grouped_call(node: fx.Node) -> bool:
+def is_grouped_call(node: fx.Node) -> bool:
     return node.op == "call_function" and str(getattr(node.target, "__name__", node.target)).split(".")[-1] \
-        in _GROUPED_CALLS
+        in GROUPED_CALLS
 
 
 def _data_inputs(node: fx.Node) -> list[fx.Node]:
     """Inputs that carry data; a grouped GEMM's own offsets are replaced by ours, so they do not count."""
-    if _is_grouped_call(node):
+    if is_grouped_call(node):
         return [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return node.all_input_nodes
 
@@ -202,7 +202,7 @@ def _value_of(node: fx.Node) -> fx.Node:
 
 
 def ffn_kind(template: ExpertTemplate) -> str:
-    names = {getattr(n.target, "__name__", str(n.target)) for n in template.nodes}
+    names = {target_name(n) for n in template.nodes}
     act = next((a for a in ("silu", "gelu", "relu", "sigmoid", "tanh") if a in names), None)
     gated = any(is_call(n, operator.mul, torch.mul, "mul") and sum(
         1 for a in n.all_input_nodes if a in set(template.nodes)) == 2 for n in template.nodes)
@@ -238,7 +238,7 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
                 return local[a]
             if a in template.weights:
                 ref = template.weights[a]
-                if _weight_dims(ref) == 1:
+                if weight_dims(ref) == 1:
                     return row_bias(ref)
                 raise TemplateError(f"expert weight {ref.role} used by an op moecc cannot group")
             raise TemplateError(f"expert computation reads {a.name}")
@@ -255,7 +255,7 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if bias is not None:
                 out = graph.call_function(operator.add, (out, arg(bias)))
-        elif _is_grouped_call(node) and node.args[1] in template.weights:
+        elif is_grouped_call(node) and node.args[1] in template.weights:
             ref = template.weights[node.args[1]]
             out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref),
                                                                            offsets, ref.transposed))
@@ -263,10 +263,10 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
                                                       if isinstance(a, fx.Node) and a in template.weights):
             out = _emit_row_bmm(graph, node, template, arg, weight_list, offsets)
         elif is_call(node, *MATMUL) and len(node.args) == 2 and node.args[1] in template.weights and \
-                _weight_dims(template.weights[node.args[1]]) == 2:
+                weight_dims(template.weights[node.args[1]]) == 2:
             ref = template.weights[node.args[1]]
             out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref), offsets, ref.transposed))
-        elif weight_args and any(_weight_dims(template.weights[a]) == 2 for a in weight_args):
+        elif weight_args and any(weight_dims(template.weights[a]) == 2 for a in weight_args):
             raise TemplateError(f"expert weight used by {node.target}, which moecc cannot group")
         else:
             out = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs))) \
@@ -289,7 +289,7 @@ def _emit_row_bmm(graph, node, template, arg, weight_list, offsets):
     return graph.call_method("unsqueeze", (rows, dim))
 
 
-def _weight_dims(ref: WeightRef) -> int:
+def weight_dims(ref: WeightRef) -> int:
     """Dimensions of one expert's slice of the weight: 2 for a matrix, 1 for a bias."""
     value = fake(ref.nodes[0])
     if value is None:

@@ -18,11 +18,11 @@ from torch import fx
 from .expert_template import (
     ExpertTemplate,
     WeightRef,
-    _is_grouped_call,
-    _weight_dims,
     emit_grouped,
+    is_grouped_call,
+    weight_dims,
 )
-from .graph_utils import LINEAR, MATMUL, fake, is_call
+from .graph_utils import LINEAR, MATMUL, fake, is_call, target_name
 
 # Ops an FFN template may contain besides its matmuls: activations, the gating product, splitting a
 # concatenated gate/up projection, and row-wise views and casts. Anything else (clamps, biases, scalings)
@@ -47,10 +47,6 @@ class FusedFFN:
         return f"fused {'glu' if gated else 'mlp'}-{self.activation}"
 
 
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-
-
 def _matmuls(template: ExpertTemplate) -> list[tuple[fx.Node, WeightRef, bool]] | None:
     """The template's weight products with their ``transpose_w``, as ``emit_grouped`` lowers them; None if
     any weight is used another way (biases, per-row bmm)."""
@@ -60,12 +56,12 @@ def _matmuls(template: ExpertTemplate) -> list[tuple[fx.Node, WeightRef, bool]] 
         if not weight_args:
             continue
         ref = template.weights[node.args[1]] if len(node.args) > 1 and node.args[1] in template.weights else None
-        if ref is None or _weight_dims(ref) != 2 or len(weight_args) != 1:
+        if ref is None or weight_dims(ref) != 2 or len(weight_args) != 1:
             return None
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if is_call(node, *LINEAR) and bias is None:
             found.append((node, ref, not ref.transposed))
-        elif _is_grouped_call(node) or is_call(node, *MATMUL) and len(node.args) == 2 and \
+        elif is_grouped_call(node) or is_call(node, *MATMUL) and len(node.args) == 2 and \
                 not is_call(node, torch.bmm, "bmm"):
             found.append((node, ref, ref.transposed))
         else:
@@ -84,7 +80,7 @@ def _candidates(mms) -> list[tuple[WeightRef, WeightRef | None, WeightRef, tuple
 
 def _identity_dropout(node: fx.Node) -> bool:
     """``F.dropout`` that changes nothing: probability 0 (Switch's expert in tests), or not training."""
-    if _name(node) != "dropout":
+    if target_name(node) != "dropout":
         return False
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
     training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
@@ -93,8 +89,8 @@ def _identity_dropout(node: fx.Node) -> bool:
 
 def match_fused_ffn(template: ExpertTemplate) -> FusedFFN | None:
     """The fused form of ``template``, or None when the fused op does not compute exactly what it does."""
-    if any(_name(n) not in _ALLOWED and not _identity_dropout(n) for n in template.nodes
-           if not (is_call(n, *LINEAR) or is_call(n, *MATMUL) or _is_grouped_call(n))):
+    if any(target_name(n) not in _ALLOWED and not _identity_dropout(n) for n in template.nodes
+           if not (is_call(n, *LINEAR) or is_call(n, *MATMUL) or is_grouped_call(n))):
         return None
     rows_fake = fake(template.rows)
     if rows_fake is None or rows_fake.dtype != torch.float32 or rows_fake.device.type != "cpu":

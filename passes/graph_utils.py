@@ -1,6 +1,8 @@
 """Small queries over a Dynamo FX graph shared by the passes: where a node lives, what it computes, who feeds it."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import operator
 import re
 from collections.abc import Iterable
@@ -56,6 +58,11 @@ def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 def numel_key(t: torch.Tensor) -> str:
     """The element count as a comparable string: an int, or a symbolic expression over the graph's sizes."""
     return str(t.numel())
+
+
+def target_name(node: fx.Node) -> str:
+    """What a node calls, as a name: the method name, or the function's ``__name__``."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def is_call(node: fx.Node, *targets) -> bool:
@@ -117,3 +124,44 @@ def common_prefix(paths: Iterable[str]) -> str:
             break
         prefix.append(parts[0])
     return ".".join(prefix)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm``'s graph over the same parameters and buffers, and the map from its nodes to the copy's.
+
+    A rewrite works on the copy, so a rejected one leaves ``gm`` as it was; the node map carries what detection
+    found on ``gm`` over to the copy (:func:`remap`).
+    """
+    node_map: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    value, old_output = graph.graph_copy(gm.graph, node_map, return_output_node=True)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    output = graph.output(value, type_expr=getattr(old_output, "type", None))
+    output.meta = copy.copy(old_output.meta)
+    node_map[old_output] = output
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    return new, node_map
+
+
+def remap(value, node_map: dict[fx.Node, fx.Node]):
+    """``value`` with every fx.Node in it replaced through ``node_map``, through lists, tuples, sets, dicts and
+    dataclasses; an object with no node in it is returned as it is (so specs keep their identity)."""
+    if isinstance(value, fx.Node):
+        return node_map[value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [remap(v, node_map) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items)
+    if isinstance(value, dict):
+        items = {remap(k, node_map): remap(v, node_map) for k, v in value.items()}
+        if all(a is b and items[a] is value[b] for a, b in zip(items, value)):
+            return value
+        return items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: remap(getattr(value, f.name), node_map) for f in dataclasses.fields(value) if f.init}
+        if all(changes[k] is getattr(value, k) for k in changes):
+            return value
+        return dataclasses.replace(value, **changes)
+    return value

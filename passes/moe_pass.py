@@ -1,23 +1,146 @@
 """The MoE pass: detect every block, rewrite each into expert-slot form, keep only the rewrites that check out.
 
-A pass is a function from graph to graph plus a record of what it did; the records feed ``moecc.report()``.
+A pure function from a graph to a graph plus what it did: :func:`moe_pass` returns the rewritten graph module and
+one :class:`BlockResult` per block (its spec, outcome, the buffers it added and the expert parameters it reads).
+It registers nothing anywhere; ``moecc/backend.py`` hands the results to the session, runtime and report.
+
+Rewrites are made on copies (``graph_utils.copy_graph_module``) and the nodes found by detection are carried over
+through the copy's node map, so a rejected rewrite costs nothing but the copy.
 """
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from .detect import detect_moe_blocks
+from .detect import Block, detect_moe_blocks
 from .expert_template import TemplateError
 from .ffn_match import FusedFFN, match_fused_ffn
-from .graph_utils import fake
-from .rewrite_slots import RewriteError, record_routing_values, rewrite_block
+from .graph_utils import copy_graph_module, fake, remap
+from .rewrite_slots import RewriteError, Routing, find_routing, record_routing_values, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PassConfig:
+    """What the MoE pass needs of a compile's options."""
+
+    dispatch: Callable  # (block path, num_experts) -> a dispatch strategy (``backends.dispatch.choose_dispatch``)
+    fused_ffn: bool = True  # try the fused expert op before the lifted template
+    capacity_factor: float | None = None  # drop rows past capacity (checked dropless, then set); None: dropless
+
+
+@dataclass(kw_only=True, slots=True)
+class ExpertWeights:
+    """The real expert parameters a rewritten block reads: per expert (ModuleList) or stacked ``[E, ...]``."""
+
+    per_expert: list[list[torch.Tensor]] = field(default_factory=list)
+    stacked: list[torch.Tensor] = field(default_factory=list)
+
+    def of_expert(self, e: int) -> list[torch.Tensor]:
+        """Expert e's tensors (views into stacked ones)."""
+        return list(self.per_expert[e]) if self.per_expert else [p[e] for p in self.stacked]
+
+    def all(self) -> list[torch.Tensor]:
+        return [p for ps in self.per_expert for p in ps] + list(self.stacked)
+
+
+@dataclass(kw_only=True, slots=True)
+class BlockResult:
+    """What happened to one MoE block, and what a rewritten one hands the runtime."""
+
+    spec: MoESpec
+    outcome: str  # "rewritten" or "fallback: <reason>"
+    graph: str  # the Dynamo graph it was found in
+    check_s: float = 0.0
+    kernel: str = ""  # how the experts run: "fused glu-silu" (one moecc::expert_ffn) or "grouped GEMM"
+    dispatch: object | None = None  # the block's strategy (``backends.dispatch``), rewritten blocks only
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # placement tensors, load_counts, capacity
+    experts: ExpertWeights | None = None
+    d_model: int = 0
+    send_rows: list[int] | None = None  # rows this rank sent to each rank on the example step
+
+    @property
+    def rewritten(self) -> bool:
+        return self.outcome == "rewritten"
+
+    @property
+    def layout(self) -> str:
+        """Expert parallelism: the expert in each slot, per rank ("" on one process)."""
+        return self.dispatch.describe() if self.dispatch is not None else ""
+
+
+@dataclass(slots=True)
+class _Plan:
+    index: int
+    block: Block
+    dispatch: object
+    ffn: FusedFFN | None
+    routing: Routing | None = None
+
+
+def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
+             graph_name: str = "") -> tuple[fx.GraphModule, list[BlockResult]]:
+    """Rewrite the MoE blocks of ``gm``; a block that fails detection, rewrite or validation stays as it was."""
+    example_inputs = concrete_inputs(example_inputs)
+    blocks = detect_moe_blocks(gm)
+    results: dict[int, BlockResult] = {}
+    plans = []
+    for i, block in enumerate(blocks):
+        if block.error is not None:
+            results[i] = BlockResult(spec=block.spec, outcome=f"fallback: {block.error}", graph=graph_name)
+            continue
+        ffn = match_fused_ffn(block.template) if config.fused_ffn and block.template is not None else None
+        plans.append(_Plan(i, block, config.dispatch(block.spec.path, block.spec.num_experts), ffn))
+    if not plans:
+        return gm, [results[i] for i in sorted(results)]
+    agree = plans[0].dispatch.agree  # every strategy of a compile shares one group: one place to agree
+
+    # One recording run of the original graph finds every block's routing values.
+    values, reason = _agreed(agree, lambda: record_routing_values(gm, [p.block for p in plans], example_inputs))
+    if reason is None:
+        for plan in plans:
+            plan.routing, why = _agreed(agree, lambda plan=plan: find_routing(gm, plan.block, example_inputs,
+                                                                               plan.ffn, values))
+            if why is not None and plan.ffn is not None:  # the fused op's probe failed: the lifted template may not
+                plan.ffn = None
+                plan.routing, why = _agreed(agree, lambda plan=plan: find_routing(gm, plan.block, example_inputs,
+                                                                                   None, values))
+            if why is not None:
+                results[plan.index] = BlockResult(spec=plan.block.spec, outcome=f"fallback: {why}", graph=graph_name)
+        plans = [p for p in plans if p.routing is not None]
+
+    current = gm
+    together = _rewrite_and_check(gm, gm, {}, plans, example_inputs, config, agree) if len(plans) > 1 else None
+    if isinstance(together, tuple):  # the common case: one check for the whole graph instead of one per block
+        current, accepted, elapsed, _ = together
+        for plan, (buffers, rows) in zip(plans, accepted):
+            results[plan.index] = _accepted(plan, gm, example_inputs, graph_name, elapsed / len(plans), buffers, rows)
+        plans = []
+    to_current: dict[fx.Node, fx.Node] = {n: n for n in gm.graph.nodes}
+    for plan in plans:  # one block at a time, each checked on its own and kept only if it agrees
+        start = time.perf_counter()
+        outcome = _rewrite_and_check(gm, current, to_current, [plan], example_inputs, config, agree)
+        if not isinstance(outcome, tuple) and plan.ffn is not None:  # the fused op is an optimisation: retry on the lifted template
+            plan.ffn = None
+            outcome = _rewrite_and_check(gm, current, to_current, [plan], example_inputs, config, agree)
+        elapsed = time.perf_counter() - start
+        if isinstance(outcome, tuple):
+            current, [(buffers, rows)], _, to_current = outcome
+            results[plan.index] = _accepted(plan, gm, example_inputs, graph_name, elapsed, buffers, rows)
+        else:
+            results[plan.index] = BlockResult(spec=plan.block.spec, outcome=f"fallback: {outcome}",
+                                              graph=graph_name, check_s=elapsed)
+    for result in results.values():
+        if "load_counts" in result.buffers:
+            result.buffers["load_counts"].zero_()  # the checks ran the graph; the monitor counts training steps only
+        if "capacity_factor" in result.buffers:
+            result.buffers["capacity_factor"].fill_(config.capacity_factor)  # checked dropless; now drop as asked
+    return current, [results[i] for i in sorted(results)]
 
 
 def concrete_inputs(example_inputs) -> list:
@@ -25,199 +148,78 @@ def concrete_inputs(example_inputs) -> list:
     return [a.node.hint if isinstance(a, torch.SymInt) and a.node.hint is not None else a for a in example_inputs]
 
 
-@dataclass(kw_only=True, slots=True)
-class BlockRecord:
-    """What happened to one MoE block."""
+def _agreed(agree, step):
+    """(``step()``'s value or None, None or why it failed), the outcome agreed by every rank.
 
-    spec: MoESpec
-    outcome: str  # "rewritten" or "fallback: <reason>"
-    graph: str  # the Dynamo graph it was found in
-    check_s: float = 0.0
-    kernel: str = ""  # how the experts run: "fused glu-silu" (one moecc::expert_ffn) or "grouped GEMM"
-    layout: str = ""  # expert parallelism: the expert in each slot, per rank
-    send_rows: list[int] | None = None  # rows this rank sent to each rank on the example step
-
-    @property
-    def rewritten(self) -> bool:
-        return self.outcome == "rewritten"
-
-
-def moe_pass(gm: fx.GraphModule, example_inputs, graph_name: str = "",
-             options: dict | None = None) -> tuple[fx.GraphModule, list[BlockRecord]]:
-    """Rewrite the MoE blocks of ``gm``; a block that fails detection, rewrite or validation stays as it was.
-
-    ``options`` are the ``moecc.*`` compile options without their prefix (see ``backends.ep.resolve``).
+    The one place where the pass meets expert parallelism's rule: every rank keeps the same graph, or collectives
+    hang. An unexpected failure costs a fallback, never a wrong model.
     """
-    from moecc.backends import ep as ep_mod
-
-    options = options or {}
-    records = []
-    layers = []  # (runtime layer, its buffers' name prefix)
-    current = gm
-    example_inputs = concrete_inputs(example_inputs)
-    blocks = detect_moe_blocks(gm)
-    plans = []  # (index, block, ep config, fused FFN or None) of each block worth rewriting
-    for i, block in enumerate(blocks):
-        if block.error is not None:
-            records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {block.error}", graph=graph_name))
-            continue
-        ep = ep_mod.resolve(options, block.spec.num_experts)
-        if ep is not None:
-            ep_mod.check_same_on_all_ranks(ep, block.spec.path)  # raises on every rank, before any all-to-all
-        ffn = None
-        if options.get("fused_ffn", True) and block.template is not None:
-            ffn = match_fused_ffn(block.template)
-        plans.append((i, block, ep, ffn))
-    together = _rewrite_all_and_check(gm, plans, example_inputs, options) if len(plans) > 1 else None
-    if together is not None:  # the common case: one check for the whole graph instead of one per block
-        current, send_rows, elapsed = together
-        for (i, block, ep, ffn), rows in zip(plans, send_rows):
-            layers.append((_runtime_layer(block, ep, gm, example_inputs, options.get("pool")),
-                           f"moecc_placement_{i}_"))
-            records.append(_accepted(block, graph_name, elapsed / len(plans), ffn, ep, rows))
-        plans = []
-    for i, block, ep, ffn in plans:  # one block at a time, each checked on its own and kept only if it agrees
-        start = time.perf_counter()
-        candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, ffn)
-        if reason is not None and ffn is not None:  # the fused op is an optimisation: retry on the lifted template
-            candidate, reason, send_rows = _rewrite_and_check(current, block, example_inputs, i, ep, options, None)
-            ffn = None
-        elapsed = time.perf_counter() - start
-        if reason is None:
-            layers.append((_runtime_layer(block, ep, current, example_inputs, options.get("pool")),
-                           f"moecc_placement_{i}_"))
-            current = candidate
-            records.append(_accepted(block, graph_name, elapsed, ffn, ep, send_rows))
-        else:
-            records.append(BlockRecord(spec=block.spec, outcome=f"fallback: {reason}", graph=graph_name,
-                                       check_s=elapsed))
-    records.sort(key=lambda r: next(j for j, b in enumerate(blocks) if b.spec is r.spec))
-    for name, buf in current.named_buffers():
-        if name.endswith("_load_counts"):
-            buf.zero_()  # the checks above ran the graph; the monitor counts training steps only
-        if name.endswith("_capacity_factor"):
-            buf.fill_(float(options["capacity_factor"]))  # checked dropless; now drop as asked
-    _register_layers(layers, current)
-    return current, records
-
-
-def _accepted(block, graph_name: str, elapsed: float, ffn, ep, send_rows) -> BlockRecord:
-    return BlockRecord(spec=block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
-                       kernel=ffn.kind if ffn is not None else "grouped GEMM",
-                       layout=ep.describe() if ep else "", send_rows=send_rows)
-
-
-def _rewrite_all_and_check(gm: fx.GraphModule, plans, example_inputs, options: dict):
-    """Every planned block rewritten in one copy of ``gm`` and checked once: (copy, rows sent per block,
-    seconds), or None if any rewrite or the check fails (the caller then goes block by block, which finds the
-    culprit and keeps the rest). Under expert parallelism every step's outcome is agreed across ranks, so all
-    ranks leave this path together."""
-    from moecc.backends import ep as ep_mod
-
-    start = time.perf_counter()
-    candidate = copy.deepcopy(gm)
-    eps = [ep for _, _, ep, _ in plans if ep is not None]
-    send_rows = []
-    try:  # one detection and one recording run serve every block (twins keep their nodes' names)
-        twins = {b.spec.path: b for b in detect_moe_blocks(candidate)}
-        values = record_routing_values(gm, [block for _, block, _, _ in plans], example_inputs)
-        reason = None
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    if eps:
-        reason = ep_mod.agree_on_outcome(eps[0], reason)
-    if reason is not None:
-        return None
-    for i, block, ep, ffn in plans:
-        try:
-            twin = twins[block.spec.path]
-            send_rows.append(rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}",
-                                           ep=ep, capacity=options.get("capacity_factor") is not None,
-                                           ffn=_same_ffn(ffn, block, twin) if ffn is not None else None,
-                                           values=values))
-            reason = None
-        except Exception as exc:  # any failure sends every block down the one-at-a-time path
-            reason = f"{type(exc).__name__}: {exc}"
-        if eps:
-            reason = ep_mod.agree_on_outcome(eps[0], reason)
-        if reason is not None:
-            return None
     try:
-        reason = check_equivalent(gm, candidate, example_inputs,
-                                  reduce_grads=ep_mod.sum_over_ranks(eps[0]) if eps else None)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    if eps:
-        reason = ep_mod.agree_on_outcome(eps[0], reason)
-    return None if reason is not None else (candidate, send_rows, time.perf_counter() - start)
-
-
-def _rewrite_and_check(current: fx.GraphModule, block, example_inputs, i: int, ep, options: dict, ffn):
-    """(rewritten copy of ``current``, None or the reason it was rejected, rows sent per rank)."""
-    from moecc.backends import ep as ep_mod
-
-    candidate = copy.deepcopy(current)
-    # The copy has its own nodes: find this block again there (detection is deterministic).
-    twin = next(b for b in detect_moe_blocks(candidate) if b.spec.path == block.spec.path)
-    twin_ffn = _same_ffn(ffn, block, twin) if ffn is not None else None
-    send_rows = None
-    try:
-        send_rows = rewrite_block(candidate, twin, example_inputs, buffer_name=f"moecc_placement_{i}", ep=ep,
-                                  capacity=options.get("capacity_factor") is not None, ffn=twin_ffn)
-        reason = check_equivalent(current, candidate, example_inputs,
-                                  reduce_grads=ep_mod.sum_over_ranks(ep) if ep is not None else None)
+        value, reason = step(), None
     except (RewriteError, TemplateError) as exc:
-        reason = str(exc)
-    except Exception as exc:  # an unexpected failure must cost a fallback, never a wrong model
-        reason = f"internal error: {type(exc).__name__}: {exc}"
-    if ep is not None:
-        reason = ep_mod.agree_on_outcome(ep, reason)  # ranks must keep the same graph, or collectives hang
-    return candidate, reason, send_rows
+        value, reason = None, str(exc)
+    except Exception as exc:
+        value, reason = None, f"internal error: {type(exc).__name__}: {exc}"
+    reason = agree(reason)
+    return (value if reason is None else None), reason
 
 
-def _same_ffn(ffn: FusedFFN, block, twin) -> FusedFFN:
-    """``ffn`` with its weight references moved to the twin block's template (matched by role)."""
-    by_role = {ref.role: ref for ref in twin.template.weights.values()}
-    moved = {name: by_role[getattr(ffn, name).role] if getattr(ffn, name) is not None else None
-             for name in ("w1", "w3", "w2")}
-    return FusedFFN(activation=ffn.activation, flags=ffn.flags, **moved)
+def _rewrite_and_check(original: fx.GraphModule, current: fx.GraphModule, to_current: dict, plans: list[_Plan],
+                       example_inputs, config: PassConfig, agree):
+    """Rewrite ``plans``' blocks (found on ``original``) in one copy of ``current`` and check the copy against
+    ``current``: (copy, [(buffers, rows sent)] per plan, seconds, node map original -> copy), or the reason."""
+    start = time.perf_counter()
+    candidate, node_map = copy_graph_module(current)
+    if to_current:  # the blocks' nodes, through the copies made by earlier accepted rewrites
+        node_map = {o: node_map[c] for o, c in to_current.items() if c in node_map}
+    accepted = []
+    for plan in plans:
+        dispatch = plan.dispatch
+
+        def rewrite(plan=plan, dispatch=dispatch):
+            try:
+                block, routing, ffn = remap((plan.block, plan.routing, plan.ffn), node_map)
+            except KeyError:
+                raise RewriteError("an earlier rewrite removed a node this block reads") from None
+            buffers = rewrite_block(candidate, block, routing, dispatch, buffer_name=f"moecc_block_{plan.index}",
+                                    capacity=config.capacity_factor is not None, ffn=ffn)
+            return buffers, dispatch.send_rows(routing.indices_value, block.spec.router.top_k, buffers)
+
+        done, reason = _agreed(agree, rewrite)
+        if reason is not None:
+            return reason
+        accepted.append(done)
+    _, reason = _agreed(agree, lambda: _raise_if(check_equivalent(current, candidate, example_inputs,
+                                                                  reduce_grads=plans[0].dispatch.reduce_grads)))
+    if reason is not None:
+        return reason
+    return candidate, accepted, time.perf_counter() - start, node_map
 
 
-def _register_layers(layers, final: fx.GraphModule) -> None:
-    """Hand the runtime each layer with the buffers of the module that will be compiled.
-
-    Each later rewrite worked on a deep copy, so buffers seen while rewriting an earlier block are orphans; look
-    them up by name in the final module.
-    """
-    from moecc import runtime
-
-    buffers = dict(final.named_buffers())
-    for layer, prefix in layers:
-        layer.buffers = {name[len(prefix):]: buf for name, buf in buffers.items() if name.startswith(prefix)}
-        runtime.register(layer)
+def _raise_if(reason: str | None) -> None:
+    if reason is not None:
+        raise RewriteError(reason)
 
 
-def _runtime_layer(block, ep, original: fx.GraphModule, example_inputs, pool=None):
-    """The runtime's view of a rewritten block: which real parameters are its experts (buffers come later)."""
-    from moecc import runtime
-    from moecc.backends import ep as ep_mod
+def _accepted(plan: _Plan, original: fx.GraphModule, example_inputs, graph_name: str, elapsed: float,
+              buffers: dict, send_rows) -> BlockResult:
+    return BlockResult(spec=plan.block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
+                       kernel=plan.ffn.kind if plan.ffn is not None else "grouped GEMM", dispatch=plan.dispatch,
+                       buffers=buffers, experts=_expert_weights(plan.block, original, example_inputs),
+                       d_model=int(fake(plan.block.x).shape[-1]), send_rows=send_rows)
 
-    # By name: ``block`` was detected on the first graph, ``original`` may be a copy made by an earlier rewrite.
-    real = {n.name: v for n, v in zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs)}
-    expert_params: list[list] = [[] for _ in range(block.spec.num_experts)]
-    stacked = []
+
+def _expert_weights(block: Block, original: fx.GraphModule, example_inputs) -> ExpertWeights:
+    """The real tensors behind the template's weight placeholders (``block`` names nodes of ``original``)."""
+    real = dict(zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs))
+    weights = ExpertWeights(per_expert=[[] for _ in range(block.spec.num_experts)])
     for ref in {id(r): r for r in block.template.weights.values()}.values():
         if ref.stacked:
-            stacked.append(real[ref.nodes[0].name])
+            if not any(real[ref.nodes[0]] is p for p in weights.stacked):
+                weights.stacked.append(real[ref.nodes[0]])
         else:
             for e, node in enumerate(ref.nodes):
-                expert_params[e].append(real[node.name])
-    stacked = list({id(p): p for p in stacked}.values())
-    d_model = int(fake(block.x).shape[-1])
-    per_expert = sum(p.numel() for p in expert_params[0]) if not stacked else \
-        sum(p[0].numel() for p in stacked if p.dim() >= 3)
-    return runtime.SlotLayer(path=block.spec.path, num_experts=block.spec.num_experts, d_model=d_model,
-                             d_ffn=max(1, per_expert // (3 * d_model)), config=ep,
-                             expert_params=expert_params if not stacked else [], stacked_params=stacked,
-                             pool=pool if ep is not None and pool is not None and pool.layout == ep.layout else None,
-                             local_placement=None if ep else ep_mod.default_placement(block.spec.num_experts, 1))
+                weights.per_expert[e].append(real[node])
+    if weights.stacked:
+        weights.per_expert = []
+    return weights

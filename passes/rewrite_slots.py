@@ -9,6 +9,8 @@ The user's router stays as it is. From its top-k expert ids and weights we emit:
     out_TD             = (y_sorted_ND[inv_N].view(T, K, D) * weights_TK[..., None]).sum(1)
 
 and send ``out_TD`` to every later user of the block's routed output, then erase the old dispatch loop.
+Between the sort and the combine, a dispatch strategy (``backends/dispatch.py``) moves the rows to the experts of
+their slots: on this process, or across ranks under expert parallelism.
 
 Which graph values are the routing weights and the routed output is decided numerically: the original graph is
 run once on the real inputs, and the candidate nodes whose values the slot-form computation reproduces win.
@@ -16,14 +18,17 @@ run once on the real inputs, and the candidate nodes whose values the slot-form 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from moecc.backends.dispatch import Dispatch
+
 from .detect import Block
 from .expert_template import emit_grouped
 from .ffn_match import FusedFFN
-from .graph_utils import ancestors, descendants, fake, is_inplace, numel_key, same_shape
+from .graph_utils import ancestors, descendants, fake, is_inplace, numel_key, same_shape, target_name
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
                  "new_full", "ones_like"}
@@ -31,10 +36,6 @@ _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new
 
 class RewriteError(Exception):
     """The block cannot be rewritten safely; the message is the report's reason."""
-
-
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _weight_candidates(block: Block, node_index) -> list[fx.Node]:
@@ -51,14 +52,14 @@ def _weight_candidates(block: Block, node_index) -> list[fx.Node]:
     return sorted(found, key=node_index.__getitem__, reverse=True)
 
 
-def _output_candidates(block: Block, node_index, tokens_numel) -> list[tuple[fx.Node, int]]:
-    """Values that may hold the routed output, with the graph position from which they hold it."""
+def _output_candidates(block: Block, node_index, tokens_numel) -> list[tuple[fx.Node, fx.Node]]:
+    """Values that may hold the routed output, each with the node after which it holds it (itself, or the last
+    in-place write into it), in graph order."""
     ends = block.template.per_expert_outputs
     fed = [descendants([e]) | {e} for e in ends]
     after_all = set.intersection(*fed)
     last_end = max(node_index[e] for e in ends)
-    found: dict[fx.Node, int] = {n: node_index[n] for n in after_all
-                                 if node_index[n] > last_end and not is_inplace(n)}
+    found: dict[fx.Node, fx.Node] = {n: n for n in after_all if node_index[n] > last_end and not is_inplace(n)}
     # An accumulator (``out.index_add_(...)`` once per expert) holds the output after its last mutation.
     mutations: dict[fx.Node, list[fx.Node]] = {}
     for n in set.union(*fed):
@@ -66,106 +67,116 @@ def _output_candidates(block: Block, node_index, tokens_numel) -> list[tuple[fx.
             mutations.setdefault(n.args[0], []).append(n)
     for base, muts in mutations.items():
         if all(any(m in f for m in muts) for f in fed):
-            found[base] = max(node_index[m] for m in muts)
+            found[base] = max(muts, key=node_index.__getitem__)
     out = []
-    for n, pos in found.items():
+    for n, holder in found.items():
         value = fake(n)
         if value is not None and value.is_floating_point() and numel_key(value) == tokens_numel:
-            out.append((n, pos))
-    return sorted(out, key=lambda np: np[1])
+            out.append((n, holder))
+    return sorted(out, key=lambda nh: node_index[nh[1]])
 
 
 def _record(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """The values of ``wanted`` nodes in one eager run of ``gm``."""
     rec = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         rec.run(*inputs)
     return {n: rec.env[n] for n in wanted if n in rec.env}
 
 
-def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, placement: dict[str, fx.Node], ep=None,
+@dataclass(slots=True)
+class ExpertStage:
+    """The experts of one block as graph code: the lifted template, or one fused ``moecc::expert_ffn``.
+
+    A dispatch strategy calls it with the rows that reach this process's slots (``backends.dispatch``).
+    """
+
+    block: Block
+    env: dict
+    ffn: FusedFFN | None = None
+
+    def sorted_rows(self, graph: fx.Graph, x_sorted: fx.Node, offsets_S: fx.Node, expert_sorted: fx.Node) -> fx.Node:
+        """Outputs of rows grouped by slot, in that order (the lifted template: one grouped GEMM per weight)."""
+        return emit_grouped(graph, self.block.template, self.env, x_sorted, offsets_S, expert_sorted)
+
+    def rows(self, graph: fx.Graph, rows_M: fx.Node, order_M: fx.Node, inverse_M: fx.Node, offsets_E: fx.Node,
+             expert_M: fx.Node) -> fx.Node:
+        """Outputs of rows in any order that ``order_M`` groups by expert, returned in the rows' own order."""
+        from moecc.backends import ops
+
+        if self.ffn is not None:  # each row once, unweighted, back in its own order: one op
+            ones = graph.call_method("new_ones", (rows_M, (graph.call_method("size", (rows_M, 0)),)))
+            return graph.call_function(ops.routed_ffn, (rows_M, order_M, ones, offsets_E, *_ffn_weights(self.ffn, self.env),
+                                                        list(self.ffn.flags), self.ffn.activation))
+        y_sorted = self.sorted_rows(graph, _permute(graph, rows_M, order_M, inverse_M), offsets_E,
+                                    _get(graph, expert_M, order_M))
+        return _permute(graph, y_sorted, inverse_M, order_M)
+
+
+def _get(graph: fx.Graph, node: fx.Node, i) -> fx.Node:
+    return graph.call_function(operator.getitem, (node, i))
+
+
+def _permute(graph: fx.Graph, rows: fx.Node, index: fx.Node, inverse: fx.Node) -> fx.Node:
+    return graph.call_function(torch.ops.moecc.permute_rows.default, (rows, index, inverse))
+
+
+def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, buffers: dict[str, fx.Node], dispatch: Dispatch,
                   ffn: FusedFFN | None = None) -> fx.Node:
     """Insert the slot-form computation; ``env`` maps x, indices, weights and expert weights to graph nodes.
 
-    ``placement`` holds the placement buffers' nodes: ``{"slot_of_expert": [E]}`` on one process, or
-    ``{"replica_slots": [E, Rmax], "replica_cum": [E, Rmax]}`` with ``ep`` (a ``backends.ep.EPConfig``).
-    With ``ffn``, the experts run as one ``moecc::expert_ffn`` (on one process it also gathers and combines).
-    Returns out_TD (tokens flattened; the caller restores the original shape).
+    Three stages: route (load count, slot of each routed row, capacity, sort by slot), dispatch + experts (the
+    strategy's), combine (weighted sum back to token order). ``buffers`` are the nodes of the strategy's placement
+    buffers and of the load counter. With ``ffn`` the experts run as one ``moecc::expert_ffn``; where the strategy
+    allows it, that op also gathers the token rows and combines. Returns out_TD (tokens flattened).
     """
-    from moecc.backends import ep as ep_ops
-    from moecc.backends import ops
+    from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
 
-    sort_by_slot = torch.ops.moecc.sort_by_slot.default
-    num_experts, top_k = block.spec.num_experts, block.spec.router.top_k
+    top_k = block.spec.router.top_k
     width = fake(block.x).shape[-1]
     x_TD = graph.call_method("reshape", (env[block.x], -1, width))
     idx_N = graph.call_method("reshape", (env[block.indices], -1))
     w_TK = graph.call_method("reshape", (env["weights"], -1, top_k))
 
-    def get(node, i):
-        return graph.call_function(operator.getitem, (node, i))
-
-    def permute(rows, index, inverse):
-        return graph.call_function(torch.ops.moecc.permute_rows.default, (rows, index, inverse))
-
-    # Tokens per expert, counted on the device every step; the runtime reads the sum every N steps.
+    # Route. Tokens per expert, counted on the device every step; the runtime reads the sum every N steps.
     counts_E = graph.call_function(torch.histc, (graph.call_method("float", (idx_N,)),),
-                                   {"bins": num_experts, "min": 0, "max": num_experts - 1})
-    graph.call_method("add_", (placement["load_counts"], counts_E))
-    if ep is None:
-        slot_N = get(placement["slot_of_expert"], idx_N)
-        num_slots = num_experts
-    else:
-        slot_N = graph.call_function(ep_ops.choose_slots, (idx_N, top_k, placement["replica_slots"],
-                                                           placement["replica_cum"]))
-        num_slots = ep.layout.num_slots
-    dropped_slot = 0
-    if "capacity_factor" in placement:
-        keep_N = graph.call_function(capacity_mask, (idx_N, top_k, num_experts, placement["capacity_factor"]))
+                                   {"bins": dispatch.num_experts, "min": 0, "max": dispatch.num_experts - 1})
+    graph.call_method("add_", (buffers["load_counts"], counts_E))
+    slot_N = dispatch.emit_slots(graph, idx_N, top_k, buffers)
+    num_slots, dropped_slot = dispatch.num_slots, 0
+    if "capacity_factor" in buffers:
+        keep_N = graph.call_function(capacity_mask, (idx_N, top_k, dispatch.num_experts, buffers["capacity_factor"]))
         # Dropped rows go to one extra slot past the last: sorted to the end, never sent, never computed.
         slot_N = graph.call_function(torch.where, (keep_N, slot_N, num_slots))
         w_TK = graph.call_function(operator.mul, (w_TK, graph.call_method("view", (keep_N, -1, top_k))))
         dropped_slot = 1
-    sorted_ = graph.call_function(sort_by_slot, (slot_N, num_slots + dropped_slot))
-    order_N, inverse_N, offsets_S = get(sorted_, 0), get(sorted_, 1), get(sorted_, 2)
+    sorted_ = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_N, num_slots + dropped_slot))
+    order_N, inverse_N, offsets_S = (_get(graph, sorted_, i) for i in range(3))
     if dropped_slot:
-        offsets_S = get(offsets_S, slice(0, num_slots))
-    if ffn is not None and ep is None:
-        return _emit_fused_ffn(graph, ffn, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k, permute)
+        offsets_S = _get(graph, offsets_S, slice(0, num_slots))
+    if ffn is not None and dispatch.fuses_gather_combine:
+        return _emit_fused_ffn(graph, ffn, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k)
+
+    # Dispatch and experts.
     x_sorted = graph.call_function(torch.ops.moecc.gather_tokens.default, (x_TD, order_N, inverse_N, top_k))
-    expert_sorted = get(idx_N, order_N)
-    if ep is None:
-        y_sorted = emit_grouped(graph, block.template, env, x_sorted, offsets_S, expert_sorted)
-    else:
-        # Rows leave sorted by slot, hence by destination rank; they arrive grouped by source rank.
-        send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, ep.layout.slots_per_rank))
-        exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, expert_sorted, send_R, ep.group_name))
-        x_recv, expert_recv, recv_R = get(exchanged, 0), get(exchanged, 1), get(exchanged, 2)
-        local = graph.call_function(sort_by_slot, (expert_recv, num_experts))
-        local_order, local_inverse, local_offsets = get(local, 0), get(local, 1), get(local, 2)
-        if ffn is not None:  # each received row once, unweighted, back in received order: one op
-            ones = graph.call_method("new_ones", (x_recv, (graph.call_method("size", (x_recv, 0)),)))
-            y_recv = graph.call_function(ops.routed_ffn, (x_recv, local_order, ones, local_offsets,
-                                                          *_ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
-        else:
-            y_local = emit_grouped(graph, block.template, env, permute(x_recv, local_order, local_inverse),
-                                   local_offsets, get(expert_recv, local_order))
-            y_recv = permute(y_local, local_inverse, local_order)
-        rows = graph.call_method("size", (x_sorted, 0))
-        y_sorted = graph.call_function(ep_ops.return_rows, (y_recv, send_R, recv_R, ep.group_name, rows))
-    y_TKD = graph.call_method("view", (permute(y_sorted, inverse_N, order_N), -1, top_k,
+    y_sorted = dispatch.emit_experts(graph, ExpertStage(block, env, ffn), x_sorted, _get(graph, idx_N, order_N),
+                                     offsets_S)
+
+    # Combine.
+    y_TKD = graph.call_method("view", (_permute(graph, y_sorted, inverse_N, order_N), -1, top_k,
                                        graph.call_method("size", (y_sorted, -1))))
     w_TK1 = graph.call_method("unsqueeze", (graph.call_method("type_as", (w_TK, y_sorted)), -1))
     return graph.call_method("sum", (graph.call_function(operator.mul, (y_TKD, w_TK1)), 1))
 
 
-def _emit_fused_ffn(graph, ffn: FusedFFN, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k, permute):
+def _emit_fused_ffn(graph, ffn: FusedFFN, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k):
     """``out_TD`` from one fused op: row n of the slot order is token ``order[n] // k`` with weight
     ``w.flatten()[order[n]]`` (a permutation, so its backward is a gather too)."""
     from moecc.backends import ops
 
     token_N = graph.call_function(torch.div, (order_N, top_k), {"rounding_mode": "floor"})
-    weight_N = permute(graph.call_method("reshape", (graph.call_method("type_as", (w_TK, x_TD)), -1)), order_N,
-                       inverse_N)
+    weight_N = _permute(graph, graph.call_method("reshape", (graph.call_method("type_as", (w_TK, x_TD)), -1)),
+                        order_N, inverse_N)
     return graph.call_function(ops.routed_ffn, (graph.call_method("contiguous", (x_TD,)), token_N, weight_N,
                                                 offsets_S, *_ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
 
@@ -190,16 +201,19 @@ def capacity_mask(idx_N: torch.Tensor, top_k: int, num_experts: int, capacity_fa
 def _standalone(block: Block, weight_node: fx.Node, ffn: FusedFFN | None = None
                 ) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A small graph computing out_TD from (x, indices, weights, expert weights): for the numeric probe."""
+    from moecc.backends.dispatch import LocalDispatch
+
     graph = fx.Graph()
     inputs = [block.x, block.indices, weight_node] + sorted(
         {n for ref in block.template.weights.values() for n in ref.nodes}, key=lambda n: n.name)
     env = {n: graph.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
     env["weights"] = env[weight_node]
+    dispatch = LocalDispatch(block.spec.num_experts)
     root = torch.nn.Module()
-    root.register_buffer("placement", torch.arange(block.spec.num_experts))
-    root.register_buffer("load_counts", torch.zeros(block.spec.num_experts))
-    out = emit_slot_moe(graph, block, env, {"slot_of_expert": graph.get_attr("placement"),
-                                            "load_counts": graph.get_attr("load_counts")}, ffn=ffn)
+    tensors = {**dispatch.buffers("cpu"), "load_counts": torch.zeros(block.spec.num_experts)}
+    for key, value in tensors.items():
+        root.register_buffer(key, value)
+    out = emit_slot_moe(graph, block, env, {key: graph.get_attr(key) for key in tensors}, dispatch, ffn=ffn)
     graph.output(out)
     return fx.GraphModule(root, graph), inputs
 
@@ -213,8 +227,18 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
 
 
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Which values of the original graph a block's rewrite reads and replaces, found numerically."""
+
+    weights: fx.Node  # the routing weights [tokens, k]
+    routed: fx.Node  # the routed output (sum of the experts' weighted outputs)
+    holder: fx.Node  # the node after which ``routed`` holds that output (itself, or its last in-place write)
+    indices_value: torch.Tensor  # the expert ids on the example inputs
+
+
 def _routing_candidates(gm: fx.GraphModule, block: Block):
-    """(routing-weight candidates, routed-output candidates with positions, every node the probe reads)."""
+    """(routing-weight candidates, routed-output candidates with their holders, every node the probe reads)."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
     weights = _weight_candidates(block, node_index)
     outputs = _output_candidates(block, node_index, numel_key(fake(block.x)))
@@ -223,31 +247,32 @@ def _routing_candidates(gm: fx.GraphModule, block: Block):
     return weights, outputs, wanted
 
 
-def record_routing_values(gm: fx.GraphModule, blocks: list[Block], inputs) -> dict[str, torch.Tensor]:
-    """What :func:`find_routing` reads for every block, from one run of ``gm``, by node name (a deep copy of
-    ``gm`` keeps the names, and rewriting one block leaves the others' nodes as they are)."""
+def record_routing_values(gm: fx.GraphModule, blocks: list[Block], inputs) -> dict[fx.Node, torch.Tensor]:
+    """What :func:`find_routing` reads for every block of ``gm``, from one run of ``gm``."""
     wanted = set().union(*(_routing_candidates(gm, b)[2] for b in blocks if b.template is not None))
-    return {n.name: v for n, v in _record(gm, inputs, wanted).items()}
+    return _record(gm, inputs, wanted)
 
 
 def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None = None,
-                 values: dict[str, torch.Tensor] | None = None):
-    """(routing weights node, routed output node, position it holds the output from, the expert ids' value on
-    ``inputs``), found numerically. ``values`` (from :func:`record_routing_values`) saves running ``gm``."""
+                 values: dict[fx.Node, torch.Tensor] | None = None) -> Routing:
+    """The block's routing weights and routed output in ``gm``, found numerically: the candidates whose values the
+    slot-form computation reproduces on ``inputs``. ``values`` (:func:`record_routing_values`) save a run of gm."""
+    if block.template is None:
+        raise RewriteError(block.error or "no expert template")
     weights, outputs, wanted = _routing_candidates(gm, block)
     if not weights:
         raise RewriteError("no routing-weight tensor of shape [tokens, k] found after top-k")
     if not outputs:
         raise RewriteError("no value of shape [tokens, dim] holds the sum of the experts' outputs")
-    if values is None or any(n.name not in values for n in wanted):
-        values = {n.name: v for n, v in _record(gm, inputs, wanted).items()}
+    if values is None or any(n not in values for n in wanted):
+        values = _record(gm, inputs, wanted)
     for w in weights[:4]:
         probe, probe_inputs = _standalone(block, w, ffn)
         with torch.no_grad():
-            expected = probe(*[values[n.name] for n in probe_inputs])
-        for out, pos in outputs:
-            if out.name in values and _matches(values[out.name], expected):
-                return w, out, pos, values[block.indices.name]
+            expected = probe(*[values[n] for n in probe_inputs])
+        for out, holder in outputs:
+            if out in values and _matches(values[out], expected):
+                return Routing(weights=w, routed=out, holder=holder, indices_value=values[block.indices])
     raise RewriteError("the slot-form computation does not reproduce any value of the block "
                        "(routing or combine semantics moecc does not model, e.g. capacity dropping)")
 
@@ -268,34 +293,27 @@ def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.
     return graph.call_method("to", (out, t_fake.dtype))
 
 
-def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep=None,
-                  capacity: bool = False, ffn: FusedFFN | None = None, values=None) -> None:
+def rewrite_block(gm: fx.GraphModule, block: Block, routing: Routing, dispatch: Dispatch, buffer_name: str,
+                  capacity: bool = False, ffn: FusedFFN | None = None) -> dict[str, torch.Tensor]:
     """Rewrite ``block`` in ``gm`` in place (call on a copy: a failure may leave the graph half-changed).
 
-    With ``ep`` (a ``backends.ep.EPConfig``) the experts run where the placement puts them, across ranks.
+    ``routing`` (:func:`find_routing`) and ``block`` name nodes of ``gm``. ``dispatch`` is the block's strategy.
     With ``capacity``, rows past their expert's capacity are dropped (the factor is a buffer, see capacity_mask).
     With ``ffn`` (see ``ffn_match``) the experts run as one fused op instead of the lifted template.
-    ``values`` are :func:`record_routing_values` of a graph this one was copied from.
+    Returns the buffers it registered on ``gm`` (the placement tensors, ``load_counts``, ``capacity_factor``), by
+    role; the runtime gets these tensors themselves.
     """
-    if block.template is None:
-        raise RewriteError(block.error or "no expert template")
-    weights, routed, pos, idx_value = find_routing(gm, block, inputs, ffn, values)
     graph = gm.graph
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    live_users = [u for u in routed.users if position[u] > pos]
+    pos = position[routing.holder]
+    live_users = [u for u in routing.routed.users if position[u] > pos]
     if not live_users:
         raise RewriteError("the routed output is not used after the experts run")
     first_use = min(live_users, key=position.__getitem__)
 
-    device = _device_of(inputs)
-    if ep is None:
-        buffers = {"slot_of_expert": torch.arange(block.spec.num_experts, device=device)}
-    else:
-        from moecc.backends.ep import placement_tensors
-
-        slots, cum = placement_tensors(ep.placement, device)
-        buffers = {"replica_slots": slots, "replica_cum": cum}
+    device = routing.indices_value.device
+    buffers = dispatch.buffers(device)
     buffers["load_counts"] = torch.zeros(block.spec.num_experts, device=device)
     if capacity:  # infinite while the rewrite is checked against the dropless original; the pass sets it after
         buffers["capacity_factor"] = torch.tensor(float("inf"), dtype=torch.float64, device=device)
@@ -305,34 +323,16 @@ def rewrite_block(gm: fx.GraphModule, block: Block, inputs, buffer_name: str, ep
     with graph.inserting_before(first_use):
         placement = {key: graph.get_attr(f"{buffer_name}_{key}") for key in buffers}
         env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
-        env.update({block.x: block.x, block.indices: block.indices, "weights": weights})
-        out_TD = emit_slot_moe(graph, block, env, placement, ep, ffn)
+        env.update({block.x: block.x, block.indices: block.indices, "weights": routing.weights})
+        out_TD = emit_slot_moe(graph, block, env, placement, dispatch, ffn)
         kept = [block.x] + sorted(ancestors([block.x]), key=position.__getitem__, reverse=True)
-        out = _view_like(graph, out_TD, routed, kept)
+        out = _view_like(graph, out_TD, routing.routed, kept)
     for u in live_users:
-        u.replace_input_with(routed, out)
+        u.replace_input_with(routing.routed, out)
     _erase_old_dispatch(graph, block, old_sources, set(nodes[: pos + 1]))
     graph.lint()
     gm.recompile()
-    return _send_rows(idx_value, block, buffers, ep)
-
-
-def _send_rows(idx_value: torch.Tensor, block: Block, buffers: dict, ep) -> list[int] | None:
-    """Rows this rank sends to each rank for the example step (the report's all-to-all volume)."""
-    if ep is None:
-        return None
-    from moecc.backends.ep import choose_slots
-
-    slots = choose_slots(idx_value.reshape(-1), block.spec.router.top_k, buffers["replica_slots"],
-                         buffers["replica_cum"])
-    return torch.bincount(slots // ep.layout.slots_per_rank, minlength=ep.layout.ranks).tolist()
-
-
-def _device_of(inputs) -> torch.device:
-    for t in inputs:
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
+    return buffers
 
 
 def _erase_old_dispatch(graph: fx.Graph, block: Block, sources, before: set[fx.Node]) -> None:
@@ -351,11 +351,11 @@ def _erase_old_dispatch(graph: fx.Graph, block: Block, sources, before: set[fx.N
             if is_inplace(n):
                 base = n.args[0]
                 # A mutation is dead only if nobody reads its (locally allocated) base any more.
-                if n not in doomed or not (isinstance(base, fx.Node) and _name(base) in _LOCAL_ALLOCS
+                if n not in doomed or not (isinstance(base, fx.Node) and target_name(base) in _LOCAL_ALLOCS
                                            and all(is_inplace(u) and u in doomed for u in base.users)):
                     continue
                 doomed.add(base)
-            elif n not in doomed and _name(n) not in _LOCAL_ALLOCS:
+            elif n not in doomed and target_name(n) not in _LOCAL_ALLOCS:
                 continue
             graph.erase_node(n)
             changed = True

@@ -78,10 +78,10 @@ def train(args) -> None:
         steady = times[args.steps // 5:]
         result = {"switching": args.switching, "mean_step_s": statistics.mean(steady),
                   "median_step_s": statistics.median(steady), "final_loss": statistics.mean(losses[-10:]),
-                  "switches": len(moecc.switch_log())}
+                  "switches": len(moecc.report(model).switches)}
         print(json.dumps(result))
         if args.trace:
-            moecc.runtime.save_trace(args.trace)
+            moecc.save_trace(model, args.trace)
         if args.result:
             with open(args.result, "w") as f:
                 json.dump(result, f)

@@ -24,10 +24,9 @@ def compile_and_records(model, *example_args):
     # Dynamo reuses a graph compiled for another instance of the same class (parameters are graph inputs); a
     # fresh cache makes every test compile, and so record, its own blocks.
     torch._dynamo.reset()
-    before = len(moecc.report().blocks)
     compiled = torch.compile(model, backend="moecc")
     compiled(*example_args)
-    return compiled, moecc.report().blocks[before:]
+    return compiled, moecc.session(model).blocks
 
 
 def assert_same_forward_backward(model, compiled, *args, atol=1e-5, rtol=1e-4):

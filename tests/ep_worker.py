@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_zoo  # noqa: E402
 
 import moecc  # noqa: E402
-from moecc import runtime  # noqa: E402
 
 TOKENS_PER_RANK = 3
 
@@ -36,7 +35,7 @@ def _batches(world: int, seed: int):
 
 
 def _allreduce_dense_grads(model) -> None:
-    experts = {id(p) for layer in runtime.layers() for ps in layer.expert_params for p in ps}
+    experts = {id(p) for layer in moecc.session(model).layers for p in layer.experts.all()}
     for p in model.parameters():
         if id(p) not in experts and p.grad is not None:
             dist.all_reduce(p.grad)
@@ -50,11 +49,11 @@ def _step_facts(model, ref, compiled, rank, world, seed):
     x_all, cot_all = _batches(world, seed)
     out = compiled(x_all[rank:rank + 1])[0]
     (out * cot_all[rank:rank + 1]).sum().backward()
-    moecc.sync_expert_grads()
+    moecc.sync_expert_grads(model)
     _allreduce_dense_grads(model)
     ref_out = ref(x_all.reshape(1, -1, 16))[0].reshape(world, TOKENS_PER_RANK, 16)
     (ref_out * cot_all.reshape(1, -1, 16).reshape(world, TOKENS_PER_RANK, 16)).sum().backward()
-    hosted = runtime.layers()[-1].hosted()
+    hosted = moecc.session(model).layers[-1].hosted()
     facts = {"out": float((out[0] - ref_out[rank]).abs().max()), "grad": 0.0, "absent_grads_ok": True}
     for e, (mine, theirs) in enumerate(zip(model.experts, ref.experts)):
         for p, q in zip(mine.parameters(), theirs.parameters()):
@@ -71,7 +70,7 @@ def equal_single_process(rank, world):
     model, ref = _pair()
     compiled = torch.compile(model, backend="moecc")
     facts = _step_facts(model, ref, compiled, rank, world, seed=1)
-    record = moecc.report().blocks[-1]
+    record = moecc.report(model).blocks[-1]
     facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows, kernel=record.kernel)
     return facts
 
@@ -98,7 +97,7 @@ def replicated_hot_expert(rank, world):
     dist.all_gather(gathered, model.experts[0].w1.weight.detach().contiguous())
     worst["replica_spread"] = float(max((g - gathered[0]).abs().max() for g in gathered))
     worst["hot_vs_ref"] = float((model.experts[0].w1.weight - ref.experts[0].w1.weight).abs().max())
-    worst["outcome"] = moecc.report().blocks[-1].outcome
+    worst["outcome"] = moecc.report(model).blocks[-1].outcome
     return worst
 
 
@@ -167,7 +166,7 @@ def switch_every_3_steps(rank, world, steps: int = 20):
         opt_ref.zero_grad()
         if graphs_after_first is None:  # compiled by the first forward
             graphs_after_first = counters["stats"]["unique_graphs"]
-            layer = runtime.layers()[-1]
+            layer = moecc.session(model).layers[-1]
         if step % 3 == 2:
             from moecc.backends.ep import placement_from_lists
 
@@ -175,12 +174,14 @@ def switch_every_3_steps(rank, world, steps: int = 20):
             moecc.switch(layer, target, [opt], step=step)
             facts["switches"] += 1
     facts["recompiled"] = counters["stats"]["unique_graphs"] != graphs_after_first
-    moecc.consolidate([opt])
+    moecc.consolidate(model, [opt])
     facts["params_vs_ref"] = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
     facts["adam_vs_ref"] = max(float((opt.state[p][k] - opt_ref.state[q][k]).abs().max())
                                for p, q in zip(model.parameters(), ref.parameters())
                                for k in ("exp_avg", "exp_avg_sq"))
     facts["moved"] = [r.moved_experts for r in layer.switch_log]
+    facts["switch_steps"] = [r.step for r in moecc.report(model).switches]
+    facts["report_lists_switches"] = "placement switches" in str(moecc.report(model))
     # A checkpoint taken now loads into a fresh model compiled with another placement: same outputs.
     fresh = moe_zoo.LoopMoE(16, 32, 4, 2)
     fresh.load_state_dict(model.state_dict())
@@ -206,7 +207,7 @@ def capacity_factor(rank, world):
     (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
     return {"out": float((out - ref).abs().max()), "grad_x": float((grad_x - grad_ref).abs().max()),
             "dropping_matters": float((ref - model(x)[0]).abs().max()),
-            "outcome": moecc.report().blocks[-1].outcome}
+            "outcome": moecc.report(model).blocks[-1].outcome}
 
 
 SCENARIOS = {f.__name__: f for f in (equal_single_process, replicated_hot_expert, receives_zero_tokens,

@@ -152,7 +152,6 @@ class Compiled:
         self.model, self.make_input = build(family, impl, size)
         self.model.train(True)  # training graph: dropout and jitter are 0, so it still equals eager
         self.twin = copy.deepcopy(self.model)
-        before = len(moecc.report().blocks)
         torch._dynamo.reset()
         counters.clear()
         self.compiled = torch.compile(self.model, backend="moecc")
@@ -160,7 +159,7 @@ class Compiled:
         self.out, self.ref = self.compiled(tokens), self.twin(tokens)
         self.graphs = counters["stats"]["unique_graphs"]
         self.breaks = sum(counters["graph_break"].values())
-        self.records = moecc.report().blocks[before:]
+        self.records = moecc.report(self.model).blocks
         cotangent = torch.randn(self.ref.shape, generator=torch.Generator().manual_seed(3))
         (self.out * cotangent).sum().backward()
         (self.ref * cotangent).sum().backward()
@@ -195,11 +194,10 @@ def block_fullgraph(family: str, impl: str):
     x = torch.randn(2, 6, width, generator=torch.Generator().manual_seed(5))
     x_ref = x.clone().requires_grad_(True)
     x = x.requires_grad_(True)
-    before = len(moecc.report().blocks)
     torch._dynamo.reset()
     out, ref = torch.compile(block, backend="moecc", fullgraph=True)(x), twin(x_ref)
     out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
-    records = moecc.report().blocks[before:]
+    records = moecc.report(block).blocks
     cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
     (out * cotangent).sum().backward()
     (ref * cotangent).sum().backward()

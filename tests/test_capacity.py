@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import compile_and_records
 
+import moecc
 from moecc import runtime
 
 
@@ -15,7 +16,7 @@ def compiled_with_capacity():
     compiled = torch.compile(model, backend="moecc", options={"moecc.capacity_factor": 1.0})
     x = torch.randn(1, 12, 16)
     compiled(x)
-    return model, compiled, runtime.layers()[-1]
+    return model, compiled, moecc.session(model).layers[-1]
 
 
 def skewed(model, n=12):
@@ -65,4 +66,4 @@ def test_capacity_factor_is_refused_on_layers_compiled_without_one():
     model = zoo.LoopMoE()
     compile_and_records(model, torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="capacity_factor"):
-        runtime.set_capacity_factor(runtime.layers()[-1], 1.0)
+        runtime.set_capacity_factor(moecc.session(model).layers[-1], 1.0)

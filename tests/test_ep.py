@@ -52,6 +52,7 @@ def _assert_switching_matches_one_process(results):
         assert facts["params_vs_ref"] < 1e-4, "parameters drifted from the single-process run"
         assert facts["adam_vs_ref"] < 1e-4, "optimizer state did not follow its expert"
         assert all(moved for moved in facts["moved"]), "a switch moved no expert"
+        assert facts["switch_steps"] == [2, 5, 8, 11, 14, 17] and facts["report_lists_switches"]
         assert facts["checkpoint_out"] < 1e-4, "checkpoint did not reload under another placement"
 
 

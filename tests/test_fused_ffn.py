@@ -69,6 +69,8 @@ def test_op_equals_the_row_by_row_definition(glu, activation):
 
 
 def test_torch_ops_path_equals_the_native_kernels(monkeypatch):
+    if cpu_native.kernels("silu") is None:
+        pytest.skip("no working C++ compiler: the native kernels are not built, both paths would be torch ops")
     case = make_case(1)
     cot = torch.randn(case[0].shape[0], 8)
     out, grads = grads_of(lambda *a: ops.routed_ffn(*a, "silu"), case, cot)
@@ -178,9 +180,8 @@ def test_fused_ffn_option_off_keeps_grouped_gemms():
     compiled = torch.compile(model, backend="moecc", options={"moecc.fused_ffn": False})
     import moecc
 
-    before = len(moecc.report().blocks)
     compiled(torch.randn(2, 5, 16))
-    assert moecc.report().blocks[before].kernel == "grouped GEMM"
+    assert moecc.report(model).blocks[0].kernel == "grouped GEMM"
 
 
 def test_a_fused_rewrite_that_fails_its_check_falls_back_to_grouped_gemms(monkeypatch):

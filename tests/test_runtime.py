@@ -1,10 +1,7 @@
-"""The runtime on one process: load monitor, placement decisions, switches that never recompile, the switch log."""
-import copy
-
+"""The runtime on one process: load monitor, placement decisions, sessions (one per compiled model), attach."""
 import moe_zoo as zoo
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import moecc
 from moecc import runtime
@@ -13,56 +10,33 @@ from moecc.costmodel.placement import SlotLayout
 
 
 @pytest.fixture(scope="module")
-def trained_with_switches():
-    """20 AdamW steps with a (forced) switch every 3 steps, beside an eager twin without switches."""
+def trained():
+    """20 AdamW steps of a compiled model, with the tokens its router sent to each expert."""
     model = zoo.LoopMoE()
-    twin = copy.deepcopy(model)
     compiled = torch.compile(model, backend="moecc")
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(5)
-    losses, routed = [[], []], torch.zeros(4)
-    graphs = None
-    for step in range(20):
+    routed = torch.zeros(4)
+    for _ in range(20):
         x = torch.randn(2, 5, 16, generator=gen)
         routed += torch.bincount(model.router(x.view(-1, 16))[2].flatten(), minlength=4)
-        for i, (m, opt) in enumerate(zip((compiled, twin), opts)):
-            loss = m(x)[0].pow(2).sum()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[i].append(loss.item())
-        if graphs is None:
-            graphs = counters["stats"]["unique_graphs"]
-            layer = runtime.layers()[-1]
-        if step % 3 == 2:
-            order = [(step // 3 + 1 + e) % 4 for e in range(4)]
-            moecc.switch(layer, placement_from_lists([order], 4), [opts[0]], step=step)
-    return model, twin, losses, layer, graphs, routed
+        compiled(x)[0].pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, moecc.session(model).layers[-1], routed
 
 
-def test_switching_gives_the_losses_and_parameters_of_no_switching(trained_with_switches):
-    model, twin, losses, _, _, _ = trained_with_switches
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
-
-
-def test_switches_never_recompile(trained_with_switches):
-    *_, graphs, _ = trained_with_switches
-    assert counters["stats"]["unique_graphs"] == graphs
-
-
-def test_switch_log_records_every_switch(trained_with_switches):
-    _, _, _, layer, _, _ = trained_with_switches
-    assert [r.step for r in layer.switch_log] == [2, 5, 8, 11, 14, 17]
-    assert layer.switch_log[0].placement_to == [[1, 2, 3, 0]]
-    assert "switches" in str(moecc.report())
-
-
-def test_load_monitor_counts_tokens_per_expert_on_device(trained_with_switches):
-    _, _, _, layer, _, routed = trained_with_switches
+def test_load_monitor_counts_tokens_per_expert_on_device(trained):
+    _, layer, routed = trained
     assert runtime.read_loads(layer) == routed.tolist()
     assert runtime.read_loads(layer) == [0.0] * 4  # reading resets the window
+
+
+def test_a_switch_on_one_process_is_refused_with_the_reason(trained):
+    model, layer, _ = trained
+    with pytest.raises(ValueError, match="runs on one process.*needs expert parallelism"):
+        moecc.switch(layer, placement_from_lists([[1, 2, 3, 0]], 4))
+    assert moecc.report(model).switches == []
 
 
 class _FakeEPLayer:
@@ -93,9 +67,8 @@ def test_every_block_of_a_model_counts_its_own_loads():
     model = zoo.TinyTransformer()
     compiled = torch.compile(model, backend="moecc")
     tokens = torch.randint(0, 64, (2, 6))
-    before = len(runtime.layers())
     compiled(tokens)
-    layers = runtime.layers()[before:]
+    layers = moecc.session(model).layers
     assert [layer.path for layer in layers] == ["moes.0", "moes.1"]
     h = model.embed(tokens)
     for norm, moe, layer in zip(model.norms, model.moes, layers):
@@ -103,3 +76,35 @@ def test_every_block_of_a_model_counts_its_own_loads():
         chosen = moe.router(x.reshape(-1, 16))[2]
         assert runtime.read_loads(layer) == torch.bincount(chosen.flatten(), minlength=4).tolist()
         h = h + moe(x)[0]
+
+
+def test_each_compiled_model_holds_only_its_own_layers_and_report_rows():
+    torch._dynamo.reset()
+    first, second = zoo.TinyTransformer(), zoo.LoopMoE()
+    torch.compile(first, backend="moecc")(torch.randint(0, 64, (1, 4)))
+    torch.compile(second, backend="moecc")(torch.randn(1, 3, 16))
+    assert [layer.path for layer in moecc.session(first).layers] == ["moes.0", "moes.1"]
+    assert [layer.path for layer in moecc.session(second).layers] == [""]
+    assert [b.spec.path for b in moecc.report(second).blocks] == [""]
+    everyone = [b.spec.path for b in moecc.report().blocks]
+    assert everyone[-3:] == ["moes.0", "moes.1", ""]  # the process-wide report, in compile order
+
+
+def test_session_of_a_model_never_compiled_is_refused_by_name():
+    with pytest.raises(ValueError, match="no graph of this DenseMLP has been compiled"):
+        moecc.session(zoo.DenseMLP())
+
+
+def test_attach_finds_the_layers_its_optimizer_steps_and_leaves_other_models_alone():
+    torch._dynamo.reset()
+    mine, other = zoo.LoopMoE(), zoo.LoopMoE(dim=8)  # other shapes: Dynamo cannot reuse one model's graph
+    opt = torch.optim.AdamW(mine.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=2, switching=False)  # before the first compiled call, as a training loop does
+    compiled = torch.compile(mine, backend="moecc")
+    torch.compile(other, backend="moecc")(torch.randn(1, 3, 8))
+    for _ in range(2):
+        compiled(torch.randn(1, 3, 16))[0].sum().backward()
+        opt.step()
+    (layer,) = moecc.session(mine).layers
+    assert layer.optimizers == [opt] and len(layer.trace) == 1
+    assert moecc.session(other).layers[0].optimizers == [] and moecc.session(other).layers[0].trace == []

@@ -1,0 +1,154 @@
+"""Dispatch strategies: where a rewritten block's routed rows go between the sort by slot and the combine.
+
+The slot rewrite (``passes/rewrite_slots.py``) emits three stages: route (slot of each routed row, sort by slot),
+dispatch + experts, combine. A strategy owns the middle one and everything that differs with it: the placement
+buffers the graph reads, how a row's slot is chosen, how rows reach the slots' experts and come back, and how
+ranks agree at compile time. As torchtitan's token dispatchers, expert parallelism is the local strategy plus
+two exchanges; capacity dropping and hierarchical all-to-all would be further strategies with the same interface.
+
+Legend: N routed rows on this rank, M rows received, S slots, E experts, R ranks.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, fx
+
+from moecc.costmodel.placement import Placement
+
+from . import ep as ep_ops
+from .ep import EPConfig, default_placement
+
+
+class ExpertStage(Protocol):
+    """The experts of one block, as the rewrite emits them (``passes/rewrite_slots.ExpertStage``)."""
+
+    def sorted_rows(self, graph: fx.Graph, x_sorted: fx.Node, offsets_S: fx.Node, expert_sorted: fx.Node) -> fx.Node:
+        """Outputs of rows already grouped by slot, in that order."""
+
+    def rows(self, graph: fx.Graph, rows_M: fx.Node, order_M: fx.Node, inverse_M: fx.Node, offsets_E: fx.Node,
+             expert_M: fx.Node) -> fx.Node:
+        """Outputs of rows in any order (``order_M`` groups them by expert), back in that order."""
+
+
+def _get(graph: fx.Graph, node: fx.Node, i) -> fx.Node:
+    return graph.call_function(operator.getitem, (node, i))
+
+
+class LocalDispatch:
+    """Every expert in its own slot on this process (slot = expert): rows never leave it.
+
+    The fused expert op may then gather token rows and combine outputs itself (``fuses_gather_combine``).
+    """
+
+    fuses_gather_combine = True
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.placement: Placement = default_placement(num_experts, 1)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_experts
+
+    def buffers(self, device) -> dict[str, Tensor]:
+        """The placement buffers the graph reads (data, so a switch rewrites them and never recompiles)."""
+        return {"slot_of_expert": torch.arange(self.num_experts, device=device)}
+
+    def emit_slots(self, graph: fx.Graph, idx_N: fx.Node, top_k: int, buffers: dict[str, fx.Node]) -> fx.Node:
+        return _get(graph, buffers["slot_of_expert"], idx_N)
+
+    def emit_experts(self, graph: fx.Graph, experts: ExpertStage, x_sorted: fx.Node, expert_sorted: fx.Node,
+                     offsets_S: fx.Node) -> fx.Node:
+        return experts.sorted_rows(graph, x_sorted, offsets_S, expert_sorted)
+
+    def agree(self, reason: str | None) -> str | None:
+        """The compile-time outcome every process keeps (one process: its own)."""
+        return reason
+
+    reduce_grads = None  # the check compares each process's gradients as they are
+
+    def describe(self) -> str:
+        return ""
+
+    def send_rows(self, idx_N: Tensor, top_k: int, buffers: dict[str, Tensor]) -> list[int] | None:
+        return None
+
+
+class ExpertParallelDispatch(LocalDispatch):
+    """Slots sharded over the ranks of a process group (``backends/ep.py``): rows sorted by slot are sorted by
+    destination rank; counts then rows go out by all-to-all, are grouped by expert on arrival, and come back by
+    the inverse all-to-all. Every compile-time decision is agreed across the group, or collectives would hang.
+    """
+
+    fuses_gather_combine = False
+
+    def __init__(self, config: EPConfig):
+        super().__init__(config.placement.num_experts)
+        self.config = config
+        self.placement = config.placement
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.layout.num_slots
+
+    def buffers(self, device) -> dict[str, Tensor]:
+        slots, cum = ep_ops.placement_tensors(self.config.placement, device)
+        return {"replica_slots": slots, "replica_cum": cum}
+
+    def emit_slots(self, graph, idx_N, top_k, buffers):
+        return graph.call_function(ep_ops.choose_slots, (idx_N, top_k, buffers["replica_slots"],
+                                                         buffers["replica_cum"]))
+
+    def emit_experts(self, graph, experts, x_sorted, expert_sorted, offsets_S):
+        group = self.config.group_name
+        send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, self.config.layout.slots_per_rank))
+        exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, expert_sorted, send_R, group))
+        x_recv, expert_recv, recv_R = (_get(graph, exchanged, i) for i in range(3))
+        local = graph.call_function(torch.ops.moecc.sort_by_slot.default, (expert_recv, self.num_experts))
+        order_M, inverse_M, offsets_E = (_get(graph, local, i) for i in range(3))
+        y_recv = experts.rows(graph, x_recv, order_M, inverse_M, offsets_E, expert_recv)
+        rows = graph.call_method("size", (x_sorted, 0))
+        return graph.call_function(ep_ops.return_rows, (y_recv, send_R, recv_R, group, rows))
+
+    def agree(self, reason):
+        return ep_ops.agree_on_outcome(self.config, reason)
+
+    @property
+    def reduce_grads(self):
+        return ep_ops.sum_over_ranks(self.config)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+    def send_rows(self, idx_N, top_k, buffers):
+        slots = ep_ops.choose_slots(idx_N.reshape(-1), top_k, buffers["replica_slots"], buffers["replica_cum"])
+        layout = self.config.layout
+        return torch.bincount(slots // layout.slots_per_rank, minlength=layout.ranks).tolist()
+
+
+Dispatch = LocalDispatch  # the interface; ExpertParallelDispatch is the other strategy
+
+
+def choose_dispatch(*, expert_parallel: bool = True, group=None, placement=None, slots_per_rank: int | None = None):
+    """A function from a block's expert count to its strategy, for one compile.
+
+    Expert parallelism when a process group with several ranks is initialised (and ``expert_parallel``);
+    ``placement`` is a ``Placement`` or a list per rank of the expert in each slot. Every rank checks, before any
+    all-to-all, that all ranks asked for the same layout (:func:`ep.check_same_on_all_ranks`).
+    """
+    if not expert_parallel or not dist.is_available() or not dist.is_initialized():
+        return lambda path, num_experts: LocalDispatch(num_experts)
+    group = group or dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return lambda path, num_experts: LocalDispatch(num_experts)
+
+    def for_block(path: str, num_experts: int) -> ExpertParallelDispatch:
+        config = ep_ops.expert_parallel_config(group, num_experts, placement, slots_per_rank)
+        ep_ops.check_same_on_all_ranks(config, path)  # raises on every rank, before any all-to-all
+        return ExpertParallelDispatch(config)
+
+    return for_block
