@@ -294,7 +294,8 @@ def tune_key(op: str, groups: int, width_in: int, width_out: int, rows: int, dty
              layout: str) -> str:
     """Key of the tuned-config cache. Rows are bucketed to a power of two: a new batch size reuses its bucket."""
     bucket = 1 << max(int(rows) - 1, 0).bit_length()
-    return f"{op}|G={groups}|I={width_in}|O={width_out}|N<={bucket}|{str(dtype).removeprefix('torch.')}|{device}|{layout}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{op}|G={groups}|I={width_in}|O={width_out}|N<={bucket}|{dtype_name}|{device}|{layout}"
 
 
 def _cache_path() -> str | None:

@@ -179,7 +179,9 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
 
 @expert_ffn_backward.register_fake
 def _(grad_TD, x_TD, index_N, weight_N, offsets_S, w1, w3, w2, flags, activation, saved):
-    like = lambda ws: [torch.empty_like(w) for w in ws]
+    def like(ws):
+        return [torch.empty_like(w) for w in ws]
+
     return torch.empty_like(x_TD), torch.empty_like(weight_N), like(w1), like(w3), like(w2)
 
 

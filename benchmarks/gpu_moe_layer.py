@@ -278,7 +278,9 @@ def print_table(results: list[dict], device_name: str) -> None:
             table.add_row(r["shape"], r["impl"], "[red]" + r["error"], *[""] * 6)
             continue
         ref = dense.get(r["shape"])
-        pct = (lambda key: f"{100 * r[key] / ref[key]:.0f}%" if ref else "")
+        def pct(key, r=r, ref=ref):
+            return f"{100 * r[key] / ref[key]:.0f}%" if ref else ""
+
         table.add_row(r["shape"], r["impl"], f"{r['fwd_ms']:.2f}", f"{r['fwd_tflops']:.1f}", pct("fwd_tflops"),
                       f"{r['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_tflops']:.1f}", pct("fwd_bwd_tflops"),
                       "" if r["err"] is None else f"{r['err']:.1e}")

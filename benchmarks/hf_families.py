@@ -10,8 +10,8 @@ tokens, fp32, CPU) runs as:
 Switch Transformers has one implementation (its own loop), so three rows. "forward" is inference (no_grad);
 "fwd+bwd" is forward, a sum loss and backward. Best of --reps timed runs after a warm-up (which also compiles);
 the median is kept in the JSON.
-Compiled rows list the graphs Dynamo made and its graph breaks. Every row runs in a fresh process. Results: a table on stdout and
-benchmarks/results/hf_families.json. Timings on a shared machine are noisy: compare rows of one run.
+Compiled rows list the graphs Dynamo made and its graph breaks. Every row runs in a fresh process. Results: a
+table on stdout and benchmarks/results/hf_families.json. Timings on a shared machine are noisy: compare rows of one run.
 """
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ def _router_spec(topk: fx.Node, gate: fx.Node, k: int, block_nodes: set[fx.Node]
     return RouterSpec(
         score=score, top_k=k,
         score_after_topk=score == "logits" and "softmax" in after_names,
-        renormalize=any(is_call(n, "sum", torch.sum) for n in after) and bool(after_names & {"truediv", "itruediv", "div", "div_"}),
+        renormalize=any(is_call(n, "sum", torch.sum) for n in after)
+        and bool(after_names & {"truediv", "itruediv", "div", "div_"}),
         selection_bias=bool(gathers) and any(is_call(n, operator.add, torch.add, "add") for n in between),
         router_bias=len(gate.args) > 2 and gate.args[2] is not None,
         grouped=sum(1 for n in between if is_call(n, *TOPK)) > 0,

@@ -56,7 +56,7 @@ def _strip_views(node: fx.Node) -> tuple[fx.Node, int]:
     """Follow weight views back to the source; return it and the number of transposes on the way."""
     transposes = 0
     while True:
-        if node.op == "call_method" and node.target in _WEIGHT_VIEWS or node.op == "call_function" and node.target in _WEIGHT_VIEWS:
+        if node.op in ("call_method", "call_function") and node.target in _WEIGHT_VIEWS:
             name = node.target if isinstance(node.target, str) else node.target.__name__
             if name in ("t", "T", "mT", "transpose"):
                 if name == "transpose":
@@ -265,12 +265,13 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
         elif is_call(node, *MATMUL) and len(node.args) == 2 and node.args[1] in template.weights and \
                 weight_dims(template.weights[node.args[1]]) == 2:
             ref = template.weights[node.args[1]]
-            out = graph.call_function(torch.ops.moecc.grouped_mm.default, (arg(node.args[0]), weight_list(ref), offsets, ref.transposed))
+            out = graph.call_function(torch.ops.moecc.grouped_mm.default,
+                                      (arg(node.args[0]), weight_list(ref), offsets, ref.transposed))
         elif weight_args and any(weight_dims(template.weights[a]) == 2 for a in weight_args):
             raise TemplateError(f"expert weight used by {node.target}, which moecc cannot group")
         else:
-            out = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs))) \
-                if node.op == "call_function" else graph.call_method(node.target, arg(node.args), arg(dict(node.kwargs)))
+            create = graph.call_function if node.op == "call_function" else graph.call_method
+            out = create(node.target, arg(node.args), arg(dict(node.kwargs)))
         local[node] = out
     return local[template.nodes[-1]]
 

@@ -125,7 +125,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
     for plan in plans:  # one block at a time, each checked on its own and kept only if it agrees
         start = time.perf_counter()
         outcome = _rewrite_and_check(gm, current, to_current, [plan], example_inputs, config, agree)
-        if not isinstance(outcome, tuple) and plan.ffn is not None:  # the fused op is an optimisation: retry on the lifted template
+        if not isinstance(outcome, tuple) and plan.ffn is not None:  # fused is an optimisation: retry it lifted
             plan.ffn = None
             outcome = _rewrite_and_check(gm, current, to_current, [plan], example_inputs, config, agree)
         elapsed = time.perf_counter() - start

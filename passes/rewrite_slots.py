@@ -106,8 +106,9 @@ class ExpertStage:
 
         if self.ffn is not None:  # each row once, unweighted, back in its own order: one op
             ones = graph.call_method("new_ones", (rows_M, (graph.call_method("size", (rows_M, 0)),)))
-            return graph.call_function(ops.routed_ffn, (rows_M, order_M, ones, offsets_E, *_ffn_weights(self.ffn, self.env),
-                                                        list(self.ffn.flags), self.ffn.activation))
+            return graph.call_function(ops.routed_ffn, (rows_M, order_M, ones, offsets_E,
+                                                        *_ffn_weights(self.ffn, self.env), list(self.ffn.flags),
+                                                        self.ffn.activation))
         y_sorted = self.sorted_rows(graph, _permute(graph, rows_M, order_M, inverse_M), offsets_E,
                                     _get(graph, expert_M, order_M))
         return _permute(graph, y_sorted, inverse_M, order_M)

@@ -13,7 +13,8 @@ from torch import nn
 class Expert(nn.Module):
     def __init__(self, dim, ffn):
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False), nn.Linear(ffn, dim, bias=False)
+        self.w1, self.w3 = nn.Linear(dim, ffn, bias=False), nn.Linear(dim, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -75,7 +76,8 @@ def main():
             opt.step()
             opt.zero_grad()
             losses.append((loss.item(), time.perf_counter() - t))
-        print(f"step {step}: moecc loss {losses[0][0]:.4f} ({losses[0][1]:.2f}s)   eager loss {losses[1][0]:.4f} ({losses[1][1]:.2f}s)")
+        print(f"step {step}: moecc loss {losses[0][0]:.4f} ({losses[0][1]:.2f}s)   "
+              f"eager loss {losses[1][0]:.4f} ({losses[1][1]:.2f}s)")
     diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), eager.parameters()))
     print(f"max parameter difference moecc vs eager after 6 AdamW steps: {diff:.2e}")
 

@@ -115,7 +115,8 @@ def compare(args) -> None:
         table.add_row(label, f"{1e3 * r['mean_step_s']:.1f}", f"{1e3 * r['median_step_s']:.1f}",
                       f"{r['final_loss']:.3f}", str(r["switches"]))
     Console(width=150).print(table)
-    print(f"speedup of switching over static (mean step): {results['off']['mean_step_s'] / results['on']['mean_step_s']:.2f}x")
+    speedup = results["off"]["mean_step_s"] / results["on"]["mean_step_s"]
+    print(f"speedup of switching over static (mean step): {speedup:.2f}x")
 
 
 def main() -> None:

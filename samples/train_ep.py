@@ -5,8 +5,9 @@
 
 Each rank trains on its own batches (data parallel); every MoE block's experts are sharded over the ranks
 (expert parallel, round-robin by default), rows travel by all-to-all inside the compiled graph. The non-expert
-parameters are averaged over ranks as DDP does, the expert parameters excluded (their gradients already live on the rank that
-hosts them); ``moecc.attach(optimizer, average=True)`` keeps replicas equal and scales expert gradients like DDP.
+parameters are averaged over ranks as DDP does, the expert parameters excluded (their gradients already live on
+the rank that hosts them); ``moecc.attach(optimizer, average=True)`` keeps replicas equal and scales expert
+gradients like DDP.
 Here the dense gradients are averaged by hand (what DDP does); the README shows the DDP wrapping.
 """
 import os

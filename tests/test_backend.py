@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_backend_found_by_name_without_importing_moecc():
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); import moe_zoo as z; m = z.LoopMoE(); x = torch.randn(1, 3, 16);"
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); import moe_zoo as z; m = z.LoopMoE(); "
+            "x = torch.randn(1, 3, 16);"
             "y = torch.compile(m, backend='moecc')(x)[0]; assert torch.allclose(y, m(x)[0], atol=1e-5);"
             "assert 'moecc' not in sys.modules or 'moecc.backend' in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)

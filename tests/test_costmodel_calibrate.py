@@ -45,7 +45,8 @@ class NoTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch imported")
 sys.meta_path.insert(0, NoTorch())
-spec = importlib.util.spec_from_file_location("cm", r"{folder / '__init__.py'}", submodule_search_locations=[r"{folder}"])
+spec = importlib.util.spec_from_file_location("cm", r"{folder / '__init__.py'}",
+                                              submodule_search_locations=[r"{folder}"])
 cm = importlib.util.module_from_spec(spec); sys.modules["cm"] = cm; spec.loader.exec_module(cm)
 for mod in ("placement", "profile", "workload", "formulas", "greedy", "planner", "compare", "cli"):
     importlib.import_module("cm." + mod)

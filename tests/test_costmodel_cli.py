@@ -59,7 +59,8 @@ def test_plan_refuses_more_experts_than_slots(trace, capsys):
 
 def test_calibrate_fit_steps_rescales_a_profile_to_measured_times(tmp_path, capsys):
     spec = {"d_model": 64, "d_ffn": 128, "training": False, "act_bytes": 4,
-            "samples": [{"tokens_per_slot": [100, 0, 50], "seconds": 2e-4}, {"tokens_per_slot": [400, 400], "seconds": 9e-4},
+            "samples": [{"tokens_per_slot": [100, 0, 50], "seconds": 2e-4},
+                        {"tokens_per_slot": [400, 400], "seconds": 9e-4},
                         {"tokens_per_slot": [10, 10, 10, 10], "seconds": 1.2e-4}]}
     (tmp_path / "steps.json").write_text(json.dumps(spec))
     assert main(["calibrate", "--base", "cpu", "--fit-steps", str(tmp_path / "steps.json"),

@@ -50,7 +50,8 @@ def _brute_force(E, R, S, loads, steps, K, terms):
     """Exhaustive enumeration of the planning model: every assignment of windows to at most K members, every
     choice of experts per rank (up to rank order), shares by LP; seconds per step including switches."""
     subsets = [frozenset(c) for size in range(S + 1) for c in itertools.combinations(range(E), size)]
-    layouts = {tuple(sorted(tuple(sorted(s)) for s in combo)) for combo in itertools.combinations_with_replacement(subsets, R)
+    combos = itertools.combinations_with_replacement(subsets, R)
+    layouts = {tuple(sorted(tuple(sorted(s)) for s in combo)) for combo in combos
                if frozenset().union(*combo) == frozenset(range(E))}
     best_for_group = {}
     total_steps = sum(steps)

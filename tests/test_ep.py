@@ -40,7 +40,8 @@ def run_ranks(world: int, scenarios: list[str], tmp_path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return run_ranks(2, ["equal_single_process", "replicated_hot_expert", "receives_zero_tokens",
-                         "switch_every_3_steps", "capacity_factor", "mismatched_layout"], tmp_path_factory.mktemp("ep2"))
+                         "switch_every_3_steps", "capacity_factor", "mismatched_layout"],
+                     tmp_path_factory.mktemp("ep2"))
 
 
 def _assert_switching_matches_one_process(results):

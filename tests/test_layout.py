@@ -34,7 +34,8 @@ def _imports(module: str, top_level_only: bool) -> list[tuple[str, list[str]]]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             names = [a.name for a in node.names]
             for name in names:  # ``from . import ops`` imports a module
                 if f"{base}.{name}" in MODULES:
@@ -84,7 +85,8 @@ def test_costmodel_depends_on_nothing_else_in_the_project(module):
 def test_importing_the_costmodel_does_not_import_torch():
     """Only ``moecc calibrate`` measures with torch, inside the functions that measure."""
     names = " ".join(m for m in MODULES if m.startswith("moecc.costmodel"))
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {names.split()!r}]; print('torch' in sys.modules)"
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {names.split()!r}]; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"

@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed: pip install triton (the kernels run under its interpreter)")
+pytest.importorskip("triton",
+                    reason="triton is not installed: pip install triton (the kernels run under its interpreter)")
 
 from moecc.backends import kernels_cpu, kernels_cuda, ops  # noqa: E402
 from moecc.backends import kernels_triton as kt  # noqa: E402
