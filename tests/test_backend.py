@@ -96,8 +96,9 @@ def test_model_without_moe_matches_stock_inductor():
 def test_malformed_block_falls_back_with_a_reason_and_stays_correct():
     model = zoo.MisroutedMoE()
     compiled, records = compile_and_records(model, torch.randn(1, 4, 16))
-    assert len(records) == 1 and records[0].outcome.startswith("fallback: ")
-    assert len(records[0].outcome) > len("fallback: ") + 10
+    assert len(records) == 1
+    # Expert e reads the rows routed to expert e + 1: no value of the block is what slot form computes.
+    assert records[0].outcome.startswith("fallback: the slot-form computation does not reproduce any value")
     assert_same_forward_backward(model, compiled, torch.randn(1, 4, 16))
 
 

@@ -37,7 +37,7 @@ def test_report_command_fails_when_nothing_was_compiled(tmp_path, capsys):
 
 
 def test_report_exports_html_and_svg_without_printing(tmp_path, capsys):
-    from moecc.passes.moe_pass import BlockRecord
+    from moecc.passes.moe_pass import BlockResult
     from moecc.passes.spec import ExpertsSpec, MoESpec, RouterSpec
     from moecc.report import Report
 
@@ -45,7 +45,7 @@ def test_report_exports_html_and_svg_without_printing(tmp_path, capsys):
                    experts=ExpertsSpec(ffn="mlp-relu", weights="modulelist", path="experts", params=("wi.weight",),
                                        layouts=("wi.weight [32, 16]",)),
                    notes=["capacity: a token past its expert's capacity is dropped"])
-    report = Report([BlockRecord(spec=spec, outcome="rewritten", graph="graph 0")])
+    report = Report([BlockResult(spec=spec, outcome="rewritten", graph="graph 0")])
     report.save_html(str(tmp_path / "r.html"))
     report.save_svg(str(tmp_path / "r.svg"))
     assert capsys.readouterr().out == ""
