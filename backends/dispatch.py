@@ -34,7 +34,8 @@ class ExpertStage(Protocol):
         """Outputs of rows in any order (``order_M`` groups them by expert), back in that order."""
 
 
-def _get(graph: fx.Graph, node: fx.Node, i) -> fx.Node:
+def emit_getitem(graph: fx.Graph, node: fx.Node, i) -> fx.Node:
+    """``node[i]`` as a graph node (an output of a multi-output op, or an index)."""
     return graph.call_function(operator.getitem, (node, i))
 
 
@@ -59,7 +60,7 @@ class LocalDispatch:
         return {"slot_of_expert": torch.arange(self.num_experts, device=device)}
 
     def emit_slots(self, graph: fx.Graph, idx_N: fx.Node, top_k: int, buffers: dict[str, fx.Node]) -> fx.Node:
-        return _get(graph, buffers["slot_of_expert"], idx_N)
+        return emit_getitem(graph, buffers["slot_of_expert"], idx_N)
 
     def emit_experts(self, graph: fx.Graph, experts: ExpertStage, x_sorted: fx.Node, expert_sorted: fx.Node,
                      offsets_S: fx.Node) -> fx.Node:
@@ -107,9 +108,9 @@ class ExpertParallelDispatch(LocalDispatch):
         group = self.config.group_name
         send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, self.config.layout.slots_per_rank))
         exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, expert_sorted, send_R, group))
-        x_recv, expert_recv, recv_R = (_get(graph, exchanged, i) for i in range(3))
+        x_recv, expert_recv, recv_R = (emit_getitem(graph, exchanged, i) for i in range(3))
         local = graph.call_function(torch.ops.moecc.sort_by_slot.default, (expert_recv, self.num_experts))
-        order_M, inverse_M, offsets_E = (_get(graph, local, i) for i in range(3))
+        order_M, inverse_M, offsets_E = (emit_getitem(graph, local, i) for i in range(3))
         y_recv = experts.rows(graph, x_recv, order_M, inverse_M, offsets_E, expert_recv)
         rows = graph.call_method("size", (x_sorted, 0))
         return graph.call_function(ep_ops.return_rows, (y_recv, send_R, recv_R, group, rows))

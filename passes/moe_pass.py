@@ -114,12 +114,13 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
                 results[plan.index] = BlockResult(spec=plan.block.spec, outcome=f"fallback: {why}", graph=graph_name)
         plans = [p for p in plans if p.routing is not None]
 
+    real = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
     current = gm
     together = _rewrite_and_check(gm, gm, {}, plans, example_inputs, config, agree) if len(plans) > 1 else None
     if isinstance(together, tuple):  # the common case: one check for the whole graph instead of one per block
         current, accepted, elapsed, _ = together
         for plan, (buffers, rows) in zip(plans, accepted):
-            results[plan.index] = _accepted(plan, gm, example_inputs, graph_name, elapsed / len(plans), buffers, rows)
+            results[plan.index] = _accepted(plan, real, graph_name, elapsed / len(plans), buffers, rows)
         plans = []
     to_current: dict[fx.Node, fx.Node] = {n: n for n in gm.graph.nodes}
     for plan in plans:  # one block at a time, each checked on its own and kept only if it agrees
@@ -131,7 +132,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
         elapsed = time.perf_counter() - start
         if isinstance(outcome, tuple):
             current, [(buffers, rows)], _, to_current = outcome
-            results[plan.index] = _accepted(plan, gm, example_inputs, graph_name, elapsed, buffers, rows)
+            results[plan.index] = _accepted(plan, real, graph_name, elapsed, buffers, rows)
         else:
             results[plan.index] = BlockResult(spec=plan.block.spec, outcome=f"fallback: {outcome}",
                                               graph=graph_name, check_s=elapsed)
@@ -201,17 +202,16 @@ def _raise_if(reason: str | None) -> None:
         raise RewriteError(reason)
 
 
-def _accepted(plan: _Plan, original: fx.GraphModule, example_inputs, graph_name: str, elapsed: float,
-              buffers: dict, send_rows) -> BlockResult:
+def _accepted(plan: _Plan, real: dict, graph_name: str, elapsed: float, buffers: dict, send_rows) -> BlockResult:
     return BlockResult(spec=plan.block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
                        kernel=plan.ffn.kind if plan.ffn is not None else "grouped GEMM", dispatch=plan.dispatch,
-                       buffers=buffers, experts=_expert_weights(plan.block, original, example_inputs),
+                       buffers=buffers, experts=_expert_weights(plan.block, real),
                        d_model=int(fake(plan.block.x).shape[-1]), send_rows=send_rows)
 
 
-def _expert_weights(block: Block, original: fx.GraphModule, example_inputs) -> ExpertWeights:
-    """The real tensors behind the template's weight placeholders (``block`` names nodes of ``original``)."""
-    real = dict(zip((n for n in original.graph.nodes if n.op == "placeholder"), example_inputs))
+def _expert_weights(block: Block, real: dict) -> ExpertWeights:
+    """The real tensors behind the template's weight placeholders (``real``: the original graph's placeholders to
+    the example inputs)."""
     weights = ExpertWeights(per_expert=[[] for _ in range(block.spec.num_experts)])
     for ref in {id(r): r for r in block.template.weights.values()}.values():
         if ref.stacked:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from moecc.backends.dispatch import Dispatch
+from moecc.backends.dispatch import Dispatch, emit_getitem
 
 from .detect import Block
 from .expert_template import emit_grouped
@@ -110,12 +110,8 @@ class ExpertStage:
                                                         *_ffn_weights(self.ffn, self.env), list(self.ffn.flags),
                                                         self.ffn.activation))
         y_sorted = self.sorted_rows(graph, _permute(graph, rows_M, order_M, inverse_M), offsets_E,
-                                    _get(graph, expert_M, order_M))
+                                    emit_getitem(graph, expert_M, order_M))
         return _permute(graph, y_sorted, inverse_M, order_M)
-
-
-def _get(graph: fx.Graph, node: fx.Node, i) -> fx.Node:
-    return graph.call_function(operator.getitem, (node, i))
 
 
 def _permute(graph: fx.Graph, rows: fx.Node, index: fx.Node, inverse: fx.Node) -> fx.Node:
@@ -152,15 +148,15 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, buffers: dict[str, f
         w_TK = graph.call_function(operator.mul, (w_TK, graph.call_method("view", (keep_N, -1, top_k))))
         dropped_slot = 1
     sorted_ = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_N, num_slots + dropped_slot))
-    order_N, inverse_N, offsets_S = (_get(graph, sorted_, i) for i in range(3))
+    order_N, inverse_N, offsets_S = (emit_getitem(graph, sorted_, i) for i in range(3))
     if dropped_slot:
-        offsets_S = _get(graph, offsets_S, slice(0, num_slots))
+        offsets_S = emit_getitem(graph, offsets_S, slice(0, num_slots))
     if ffn is not None and dispatch.fuses_gather_combine:
         return _emit_fused_ffn(graph, ffn, env, x_TD, w_TK, order_N, inverse_N, offsets_S, top_k)
 
     # Dispatch and experts.
     x_sorted = graph.call_function(torch.ops.moecc.gather_tokens.default, (x_TD, order_N, inverse_N, top_k))
-    y_sorted = dispatch.emit_experts(graph, ExpertStage(block, env, ffn), x_sorted, _get(graph, idx_N, order_N),
+    y_sorted = dispatch.emit_experts(graph, ExpertStage(block, env, ffn), x_sorted, emit_getitem(graph, idx_N, order_N),
                                      offsets_S)
 
     # Combine.
