@@ -10,6 +10,7 @@ Legend: N routed rows on this rank, M rows received, S slots, E experts, R ranks
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Protocol
 
@@ -105,15 +106,36 @@ class ExpertParallelDispatch(LocalDispatch):
                                                          buffers["replica_cum"]))
 
     def emit_experts(self, graph, experts, x_sorted, expert_sorted, offsets_S):
-        group = self.config.group_name
-        send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, self.config.layout.slots_per_rank))
-        exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, expert_sorted, send_R, group))
-        x_recv, expert_recv, recv_R = (emit_getitem(graph, exchanged, i) for i in range(3))
-        local = graph.call_function(torch.ops.moecc.sort_by_slot.default, (expert_recv, self.num_experts))
-        order_M, inverse_M, offsets_E = (emit_getitem(graph, local, i) for i in range(3))
-        y_recv = experts.rows(graph, x_recv, order_M, inverse_M, offsets_E, expert_recv)
+        group, per_rank = self.config.group_name, self.config.layout.slots_per_rank
+        send_R = graph.call_function(ep_ops.rank_counts, (offsets_S, per_rank))
+        slot_sorted = graph.call_function(ep_ops.local_slot_of_rows, (x_sorted, offsets_S, per_rank))
+        exchanged = graph.call_function(ep_ops.exchange_rows, (x_sorted, slot_sorted, send_R, group))
+        x_recv, slot_recv, recv_R = (emit_getitem(graph, exchanged, i) for i in range(3))
+        local = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_recv, per_rank))
+        order_M, inverse_M, offsets_L = (emit_getitem(graph, local, i) for i in range(3))
+        y_recv = self._slot_stage(graph, experts).rows(graph, x_recv, order_M, inverse_M, offsets_L, slot_recv)
         rows = graph.call_method("size", (x_sorted, 0))
         return graph.call_function(ep_ops.return_rows, (y_recv, send_R, recv_R, group, rows))
+
+    def _slot_stage(self, graph: fx.Graph, experts):
+        """The same experts over this rank's slots: every grouped weight becomes one ``[S, ...]`` node
+        (``ep.slot_weights``, tagged ``SLOT_WEIGHTS`` so ``moecc/slot_storage.py`` can put the slot tensors in its
+        place once the rewrite is checked), and rows are grouped by local slot instead of expert."""
+        template, local = experts.block.template, self.config.local_experts
+        env, new_refs = dict(experts.env), {}
+        for ref in {id(r): r for r in template.weights.values()}.values():
+            node = graph.call_function(ep_ops.slot_weights, ([env[n] for n in ref.nodes], local))
+            node.meta["val"] = _slot_meta(ref.nodes, len(local))
+            node.meta[SLOT_WEIGHTS] = (id(self), len(new_refs))
+            env[node] = node
+            new_refs[id(ref)] = dataclasses.replace(ref, nodes=[node])
+        weights = {expr: new_refs[id(ref)] for expr, ref in template.weights.items()}
+        block = dataclasses.replace(experts.block, template=dataclasses.replace(template, weights=weights))
+        ffn = experts.ffn
+        if ffn is not None:
+            ffn = dataclasses.replace(ffn, **{part: new_refs[id(getattr(ffn, part))] for part in ("w1", "w3", "w2")
+                                              if getattr(ffn, part) is not None})
+        return type(experts)(block, env, ffn)
 
     def agree(self, reason):
         return ep_ops.agree_on_outcome(self.config, reason)
@@ -133,13 +155,24 @@ class ExpertParallelDispatch(LocalDispatch):
 
 Dispatch = LocalDispatch  # the interface; ExpertParallelDispatch is the other strategy
 
+SLOT_WEIGHTS = "moecc_slot_weights"  # node meta: (id of the strategy, weight kind) of an ``ep.slot_weights`` node
 
-def choose_dispatch(*, expert_parallel: bool = True, group=None, placement=None, slots_per_rank: int | None = None):
+
+def _slot_meta(weight_nodes: list[fx.Node], slots: int) -> Tensor:
+    """The fake value of a ``[S, ...]`` slot-weight node, from the user's weights' recorded values."""
+    first = weight_nodes[0].meta.get("example_value", weight_nodes[0].meta.get("val"))
+    shape = first.shape[1:] if len(weight_nodes) == 1 else first.shape
+    return torch.empty((slots, *shape), dtype=first.dtype, device="meta")
+
+
+def choose_dispatch(*, expert_parallel: bool = True, group=None, placement=None, slots_per_rank: int | None = None,
+                    dp_group=None):
     """A function from a block's expert count to its strategy, for one compile.
 
     Expert parallelism when a process group with several ranks is initialised (and ``expert_parallel``);
-    ``placement`` is a ``Placement`` or a list per rank of the expert in each slot. Every rank checks, before any
-    all-to-all, that all ranks asked for the same layout (:func:`ep.check_same_on_all_ranks`).
+    ``placement`` is a ``Placement`` or a list per rank of the expert in each slot; ``dp_group`` is the
+    expert-data-parallel group. Every rank checks, before any all-to-all, that all ranks asked for the same layout
+    (:func:`ep.check_same_on_all_ranks`).
     """
     if not expert_parallel or not dist.is_available() or not dist.is_initialized():
         return lambda path, num_experts: LocalDispatch(num_experts)
@@ -148,7 +181,7 @@ def choose_dispatch(*, expert_parallel: bool = True, group=None, placement=None,
         return lambda path, num_experts: LocalDispatch(num_experts)
 
     def for_block(path: str, num_experts: int) -> ExpertParallelDispatch:
-        config = ep_ops.expert_parallel_config(group, num_experts, placement, slots_per_rank)
+        config = ep_ops.expert_parallel_config(group, num_experts, placement, slots_per_rank, dp_group)
         ep_ops.check_same_on_all_ranks(config, path)  # raises on every rank, before any all-to-all
         return ExpertParallelDispatch(config)
 

@@ -1,13 +1,18 @@
 """Expert parallelism: slots sharded across ranks, rows moved by all-to-all custom ops inside the graph.
 
-Every rank keeps the user's whole model (the module is never changed); a rank *hosts* the experts placed in its
-slots and computes only rows routed there. Per block and step (``dispatch.ExpertParallelDispatch`` emits it):
+A rank stores only its slots: one ``[S, ...]`` tensor per expert weight kind (``moecc/slot_storage.py`` puts them
+in place of the user's expert parameters after the rewrite is checked). Per block and step
+(``dispatch.ExpertParallelDispatch`` emits it):
 
     rank of each routed row  = slot // slots_per_rank, slot chosen from the placement tensors (replicas by share)
     counts exchange          : moecc::all_to_all_counts(send_counts_R) -> recv_counts_R (split sizes for the rows)
-    rows exchange            : moecc::all_to_all_rows(x_sorted, send, recv) with each row's expert id
-    local experts            : the received rows grouped by expert id
+    rows exchange            : moecc::all_to_all_rows(x_sorted, send, recv) with each row's slot on its rank
+    local experts            : the received rows grouped by local slot, run on the slot tensors
     rows back                : moecc::all_to_all_rows(y, recv, send), then the usual weighted combine
+
+Experts are sharded over the expert-parallel group and replicated over the expert-data-parallel group (the ranks
+with the same expert-parallel index; DeepSpeed-MoE's and Megatron's EP x DP): rows never cross it, gradients are
+reduced over it.
 
 The exchanges are two small custom ops over ``torch.distributed.all_to_all_single`` (gloo and NCCL alike), with
 fakes and a backward, so Dynamo, AOTAutograd and Inductor see them as single nodes. The placement lives in two
@@ -35,6 +40,12 @@ class EPConfig:
     group_name: str
     rank: int
     placement: Placement
+    dp_group_name: str | None = None  # expert data parallelism: the same slots on every rank of this group
+
+    @property
+    def local_experts(self) -> list[int]:
+        """The expert in each of this rank's slots (``-1``: empty)."""
+        return [self.placement.expert_S[s] for s in self.layout.slots_of(self.rank)]
 
     @property
     def layout(self) -> SlotLayout:
@@ -148,15 +159,34 @@ def return_rows(y_MD: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, grou
     return torch.ops.moecc.all_to_all_rows(y_MD, recv_counts_R, send_counts_R, group_name, rows)
 
 
+def local_slot_of_rows(x_sorted: Tensor, offsets_S: Tensor, slots_per_rank: int) -> Tensor:
+    """Each row's slot on its destination rank, for rows sorted by slot (``offsets_S``: end offset of each slot)."""
+    rows = torch.arange(x_sorted.shape[0], device=offsets_S.device)
+    return torch.searchsorted(offsets_S.to(torch.int64), rows, right=True) % slots_per_rank
+
+
+def slot_weights(weights: list[Tensor], experts_S: list[int]) -> Tensor:
+    """This rank's slots of one weight kind, ``[S, ...]``, read from the user's expert weights (stacked ``[E, ...]``
+    or one tensor per expert). Only in the graph the rewrite is checked on: it keeps gradients flowing to the
+    user's weights; the compiled graph reads the slot tensors themselves. An empty slot holds expert 0's weights
+    and never receives a row."""
+    ids = [max(e, 0) for e in experts_S]
+    if len(weights) == 1:  # stacked [E, ...]; a ModuleList gives one tensor per expert, and E >= 2
+        return weights[0][ids]
+    return torch.stack([weights[e] for e in ids])
+
+
 def rank_counts(offsets_S: Tensor, slots_per_rank: int) -> Tensor:
     """Rows per destination rank from per-slot end offsets."""
     counts_S = torch.diff(offsets_S.to(torch.int64), prepend=offsets_S.new_zeros(1, dtype=torch.int64))
     return counts_S.view(-1, slots_per_rank).sum(1)
 
 
-def expert_parallel_config(group, num_experts: int, placement=None, slots_per_rank: int | None = None) -> EPConfig:
+def expert_parallel_config(group, num_experts: int, placement=None, slots_per_rank: int | None = None,
+                           dp_group=None) -> EPConfig:
     """The layout of one block over ``group``: ``placement`` (a costmodel ``Placement`` or a list per rank of the
-    expert in each slot), else round-robin with ``slots_per_rank`` (default ``ceil(E / ranks)``)."""
+    expert in each slot), else round-robin with ``slots_per_rank`` (default ``ceil(E / ranks)``). ``dp_group``:
+    the expert-data-parallel group (the same slots on each of its ranks)."""
     ranks = dist.get_world_size(group)
     if placement is None:
         placement = default_placement(num_experts, ranks, slots_per_rank)
@@ -167,7 +197,9 @@ def expert_parallel_config(group, num_experts: int, placement=None, slots_per_ra
                          "pass options={'moecc.placement': ...} laid out for this world size")
     if placement.num_experts != num_experts:
         raise ValueError(f"moecc: the placement has {placement.num_experts} experts, the block {num_experts}")
-    return EPConfig(group_name=group.group_name, rank=dist.get_rank(group), placement=placement)
+    dp_name = dp_group.group_name if dp_group is not None and dist.get_world_size(dp_group) > 1 else None
+    return EPConfig(group_name=group.group_name, rank=dist.get_rank(group), placement=placement,
+                    dp_group_name=dp_name)
 
 
 def placement_from_lists(per_rank: list[list[int]], num_experts: int) -> Placement:

@@ -17,6 +17,8 @@ _EXPORTS = {
     "Options": "moecc.options", "session": "moecc.sessions", "attach": "moecc.sessions",
     "consolidate": "moecc.sessions", "expert_parameter_names": "moecc.sessions", "save_trace": "moecc.sessions",
     "sync_expert_grads": "moecc.sessions", "switch": "moecc.runtime", "set_capacity_factor": "moecc.runtime",
+    "distribute": "moecc.distributed",
+    "explain": "moecc.explain",
 }
 __all__ = ["Report", "report", *sorted(_EXPORTS)]
 

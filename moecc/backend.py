@@ -25,18 +25,24 @@ def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     2. ``session.for_module``: the session of the model Dynamo is tracing (``capture.tracing_module``).
     3. ``choose_dispatch``: the dispatch strategy of each block (local, or expert-parallel over a process group).
     4. ``moe_pass``: detect, rewrite, check; returns the new graph and one result per block (pure).
-    5. ``Session.add_graph``: the results become report rows and runtime layers (placement buffers, counters).
+    5. ``Session.add_graph``: the results become report rows and runtime layers (placement buffers, counters);
+       under expert parallelism the checked graph's slot-weight nodes become this rank's slot tensors.
     6. ``compile_fx``: AOTAutograd and Inductor; the moecc ops run as custom-op kernels (``backends/ops.py``).
+       Then the user's expert parameters that the slots replaced release their storage.
     """
     options = Options.parse(kwargs.get("options"))
     owner = sessions.for_module(capture.tracing_module())
     if options.rewrite:
-        dispatch = choose_dispatch(expert_parallel=options.ep, group=options.group, placement=options.placement,
-                                   slots_per_rank=options.slots_per_rank)
+        group, dp_group = owner.groups(options)
+        dispatch = choose_dispatch(expert_parallel=options.ep, group=group, placement=options.placement,
+                                   slots_per_rank=options.slots_per_rank, dp_group=dp_group)
         config = PassConfig(dispatch=dispatch, fused_ffn=options.fused_ffn, capacity_factor=options.capacity_factor)
-        gm, results = moe_pass(gm, example_inputs, config, graph_name=f"{owner.name} graph {owner.graphs}")
-        owner.add_graph(results, options)
-    return compile_fx(gm, example_inputs, config_patches=options.inductor or None)
+        pass_inputs = owner.inputs_for_pass(example_inputs)
+        gm, results = moe_pass(gm, pass_inputs, config, graph_name=f"{owner.name} graph {owner.graphs}")
+        owner.add_graph(results, options, gm, example_inputs)
+    compiled = compile_fx(gm, example_inputs, config_patches=options.inductor or None)
+    owner.free_experts()
+    return compiled
 
 
 moecc_backend._moecc_capture = True

@@ -48,15 +48,36 @@ class SlotLayer:
     local_placement: object | None = None  # one process: slots are all local, the placement is bookkeeping
     trace: list = field(default_factory=list)  # per check: mean routed rows per expert per step (all ranks)
     optimizers: list = field(default_factory=list)  # the attached optimizers that step this layer's experts
+    kinds: list = field(default_factory=list)  # slot_storage.SlotKind per weight kind: what this rank stores
 
     @classmethod
-    def from_result(cls, result, pool=None) -> SlotLayer:
-        """The layer of a rewritten block (``passes.moe_pass.BlockResult``); ``pool`` only if it fits its layout."""
+    def from_result(cls, result, pool=None, kinds=None) -> SlotLayer:
+        """The layer of a rewritten block (``passes.moe_pass.BlockResult``); ``pool`` only if it fits its layout;
+        ``kinds``: its slot storage under expert parallelism (``slot_storage.install``)."""
         config = getattr(result.dispatch, "config", None)
         return cls(path=result.spec.path, num_experts=result.spec.num_experts, d_model=result.d_model,
                    experts=result.experts, buffers=result.buffers, config=config,
                    pool=pool if config is not None and pool is not None and pool.layout == config.layout else None,
-                   local_placement=result.dispatch.placement if config is None else None)
+                   local_placement=result.dispatch.placement if config is None else None, kinds=list(kinds or []))
+
+    @property
+    def sharded(self) -> bool:
+        """This rank stores only its slots (expert parallelism); the user's expert parameters hold no bytes."""
+        return bool(self.kinds)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """What an optimizer steps for this layer: the slot tensors, or the user's expert parameters."""
+        return [k.slots for k in self.kinds] if self.kinds else self.experts.all()
+
+    @property
+    def local_experts(self) -> list[int]:
+        """The expert in each of this rank's slots (``-1``: empty); every expert on one process."""
+        return self.config.local_experts if self.config is not None else list(range(self.num_experts))
+
+    def dp_group(self):
+        name = self.config.dp_group_name if self.config is not None else None
+        return dist.distributed_c10d._resolve_process_group(name) if name else None
 
     @property
     def expert_params(self) -> list[list[torch.Tensor]]:
@@ -71,10 +92,14 @@ class SlotLayer:
     @property
     def expert_weight_shapes(self) -> list[tuple[int, ...]]:
         """One expert's weight shapes, as the cost model prices it."""
+        if self.kinds:
+            return [k.expert_shape for k in self.kinds]
         return [tuple(t.shape) for t in self.experts.of_expert(0)]
 
     @property
     def param_bytes(self) -> int:
+        if self.kinds:
+            return self.kinds[0].slots.element_size()
         return self.experts.of_expert(0)[0].element_size()
 
     @property
@@ -115,6 +140,7 @@ class SwitchRecord:
     moved_experts: list[int]
     switch_s: float  # measured time of the switch itself
     measured_gain_s: float | None = None  # mean step time before minus after (filled at the next check)
+    bytes_sent: int = 0  # slot contents this rank sent (weights, gradients, optimizer state)
 
 
 # ----------------------------------------------------------------------------------------------- gradients
@@ -124,6 +150,9 @@ def sync_expert_grads(layers: list[SlotLayer], average: bool = False) -> None:
     """Make expert gradients right for this rank's optimizer step (see the module docstring)."""
     for layer in layers:
         if layer.config is None:
+            continue
+        if layer.sharded:
+            _sync_slot_grads(layer, average)
             continue
         group = layer.group()
         world = dist.get_world_size(group)
@@ -148,9 +177,34 @@ def sync_expert_grads(layers: list[SlotLayer], average: bool = False) -> None:
                 p.grad.div_(world)
 
 
+def _sync_slot_grads(layer: SlotLayer, average: bool) -> None:
+    """Slot gradients: replicas of an expert summed over the expert-parallel group, every slot summed over the
+    expert-data-parallel group (the same slots on other data), then divided by the world if ``average``."""
+    group, dp = layer.group(), layer.dp_group()
+    world = dist.get_world_size(group) * (dist.get_world_size(dp) if dp is not None else 1)
+    local, replicated = layer.local_experts, layer.replicated()
+    for kind in layer.kinds:
+        p = kind.slots
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if replicated:  # one all-reduce per weight kind; ranks without a replica add zeros
+            buf = p.grad.new_zeros((len(replicated), *kind.expert_shape))
+            mine = [(j, local.index(e)) for j, e in enumerate(replicated) if e in local]
+            for j, s in mine:
+                buf[j] = p.grad[s]
+            dist.all_reduce(buf, group=group)
+            for j, s in mine:
+                p.grad[s] = buf[j]
+        if dp is not None:
+            dist.all_reduce(p.grad, group=dp)
+        if average:
+            p.grad.div_(world)
+
+
 def expert_parameter_names(model: torch.nn.Module, layers: list[SlotLayer]) -> list[str]:
-    """Names of ``model``'s parameters that belong to experts of expert-parallel layers (for DDP to ignore)."""
-    ids = {id(p) for layer in layers if layer.config for p in layer.experts.all()}
+    """Names of ``model``'s parameters that belong to experts of expert-parallel layers (for DDP to ignore): the
+    user's (freed) expert parameters and the slot tensors that replaced them."""
+    ids = {id(p) for layer in layers if layer.config for p in layer.experts.all() + layer.params}
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
@@ -230,6 +284,85 @@ def _broadcast_experts(layer: SlotLayer, experts: list[int], src_rank: int, opti
             offset += t.numel()
 
 
+def _slot_state(layer: SlotLayer, optimizers) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor shaped like a slot tensor (weights, gradients, optimizer state such as Adam's moments or fp32
+    masters), keyed the same on every rank. Scalar state (Adam's step) is the same for every slot: it stays."""
+    out = []
+    for i, kind in enumerate(layer.kinds):
+        p = kind.slots
+        out.append((f"{i}.param", p.data))
+        if p.grad is not None:
+            out.append((f"{i}.grad", p.grad))
+        for j, opt in enumerate(optimizers):
+            state = opt.state.get(p, {})
+            out += [(f"{i}.opt{j}.{key}", state[key]) for key in sorted(state)
+                    if torch.is_tensor(state[key]) and state[key].shape == p.shape]
+    return out
+
+
+def _check_same_state(layer: SlotLayer, state: list[tuple[str, torch.Tensor]]) -> None:
+    """Ranks that disagree on what a slot holds would wait on each other's transfers forever: refuse instead."""
+    group = layer.group()
+    mine = [(key, str(t.dtype)) for key, t in state]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for r, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise RuntimeError(f"moecc: cannot switch layer {layer.path!r}: rank {layer.config.rank} holds "
+                               f"{[k for k, _ in mine]} per slot, rank {r} holds {[k for k, _ in theirs]}; attach "
+                               "the same optimizers on every rank and switch between a step and the next forward")
+
+
+def slot_transfers(old, new) -> list[tuple[int, int]]:
+    """(source slot, destination slot) for every slot whose expert changes: the new expert's contents come from
+    a slot that held it, on the same rank when there is one (a local copy), else on the lowest such rank."""
+    k = old.layout.slots_per_rank
+    moves = []
+    for dst, (e_old, e_new) in enumerate(zip(old.expert_S, new.expert_S)):
+        if e_new == e_old or e_new < 0:
+            continue
+        holders = [s for s, e in enumerate(old.expert_S) if e == e_new]
+        same_rank = [s for s in holders if s // k == dst // k]
+        moves.append((same_rank[0] if same_rank else holders[0], dst))
+    return moves
+
+
+def _move_slots(layer: SlotLayer, old, new, optimizers) -> int:
+    """Move the contents of the slots that change (``slot_transfers``) with one batch of point-to-point transfers
+    per layer and dtype; returns the bytes this rank sent. Received contents wait in a staging buffer (at most the
+    changed slots of this layer) until every send is done, since a source slot may also be a destination."""
+    state = _slot_state(layer, optimizers)
+    _check_same_state(layer, state)
+    group, me, k = layer.group(), layer.config.rank, old.layout.slots_per_rank
+    ops, staged, sent = [], [], 0
+    for src, dst in slot_transfers(old, new):
+        src_rank, dst_rank = src // k, dst // k
+        if me not in (src_rank, dst_rank):
+            continue
+        for dtype in sorted({t.dtype for _, t in state}, key=str):
+            tensors = [t for _, t in state if t.dtype == dtype]
+            if src_rank == me:
+                flat = torch.cat([t[src - src_rank * k].reshape(-1) for t in tensors])
+                if dst_rank == me:
+                    staged.append((tensors, dst - me * k, flat))
+                    continue
+                ops.append(dist.P2POp(dist.isend, flat, dist.get_global_rank(group, dst_rank), group))
+                sent += flat.numel() * flat.element_size()
+            else:
+                flat = torch.empty(sum(t[0].numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+                ops.append(dist.P2POp(dist.irecv, flat, dist.get_global_rank(group, src_rank), group))
+                staged.append((tensors, dst - me * k, flat))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    for tensors, slot, flat in staged:
+        offset = 0
+        for t in tensors:
+            t[slot].copy_(flat[offset: offset + t[slot].numel()].view_as(t[slot]))
+            offset += t[slot].numel()
+    return sent
+
+
 def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, predicted_gain_s: float = 0.0,
            predicted_cost_s: float = 0.0) -> SwitchRecord:
     """Move ``layer`` to ``placement`` (same slot layout) now: weights, gradients, optimizer state, then the buffers.
@@ -254,8 +387,12 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
     hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
     moved = [e for e in range(layer.num_experts) if hosts_new[e] - hosts_old[e]]
-    for src in sorted({min(hosts_old[e]) for e in moved}):
-        _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)
+    sent = 0
+    if layer.sharded:
+        sent = _move_slots(layer, old, placement, optimizers)
+    else:
+        for src in sorted({min(hosts_old[e]) for e in moved}):
+            _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)
     slots, cum = placement_tensors(placement, layer.buffers["replica_slots"].device,
                                    width=layer.buffers["replica_slots"].shape[1])
     layer.buffers["replica_slots"].copy_(slots)
@@ -268,7 +405,8 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     record = SwitchRecord(step=step, layer=layer.path,
                           placement_from=old.experts_per_rank() if old else [],
                           placement_to=placement.experts_per_rank(), predicted_gain_s=predicted_gain_s,
-                          predicted_cost_s=predicted_cost_s, moved_experts=moved, switch_s=elapsed)
+                          predicted_cost_s=predicted_cost_s, moved_experts=moved, switch_s=elapsed,
+                          bytes_sent=sent)
     layer.switch_log.append(record)
     return record
 

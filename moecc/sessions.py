@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moecc import runtime
+from moecc import runtime, slot_storage
 from moecc.options import Options
 
 _order = itertools.count()
@@ -29,19 +29,92 @@ class Session:
     graphs: int = 0  # graphs compiled for this model
     stamps: list[int] = field(default_factory=list)  # process-wide compile order of each of ``blocks``
     _model: object = None  # weakref to the model
+    mesh: object = None  # the DeviceMesh given to ``moecc.distribute`` (dims "ep" and optionally "dp")
+    freed: dict = field(default_factory=dict)  # id -> the user's expert parameters whose storage the slots replaced
 
     @property
     def model(self) -> torch.nn.Module | None:
         return self._model() if self._model is not None else None
 
-    def add_graph(self, results: list, options: Options) -> None:
-        """File one compiled graph's block results; rewritten blocks become runtime layers."""
+    def groups(self, options: Options):
+        """(expert-parallel group, expert-data-parallel group) for a compile: the options', else the mesh's."""
+        if options.group is not None or self.mesh is None:
+            return options.group, None
+        names = self.mesh.mesh_dim_names or ()
+        if self.mesh.ndim == 1:
+            return self.mesh.get_group(), None
+        if "ep" not in names:
+            raise ValueError(f"moecc: the mesh given to moecc.distribute has dims {names}; name the expert-parallel "
+                             "dim 'ep' (and the expert-data-parallel one 'dp'), e.g. init_device_mesh(device, "
+                             "(dp, ep), mesh_dim_names=('dp', 'ep'))")
+        dp = self.mesh.get_group("dp") if "dp" in names else None
+        return self.mesh.get_group("ep"), dp
+
+    def inputs_for_pass(self, example_inputs) -> list:
+        """The example inputs with every freed expert weight replaced by a stand-in (a graph compiled after the
+        slots took over, e.g. an eval graph, is still checked before it is used; see ``slot_storage.stand_in``)."""
+        order = {key: i for i, key in enumerate(self.freed)}
+        return [slot_storage.stand_in(t, 1000 + order[id(t)]) if isinstance(t, torch.Tensor) and id(t) in self.freed
+                else t for t in example_inputs]
+
+    def add_graph(self, results: list, options: Options, gm=None, example_inputs=()) -> None:
+        """File one compiled graph's block results; rewritten blocks become runtime layers. Under expert
+        parallelism the graph's slot-weight nodes become slot tensors (``slot_storage.install``); a block compiled
+        again (a recompile) shares its layer's slots and buffers."""
         self.graphs += 1
+        by_path = {layer.path: layer for layer in self.layers}
+        reuse = {id(r.dispatch): by_path[r.spec.path].kinds for r in results
+                 if r.rewritten and r.spec.path in by_path and by_path[r.spec.path].kinds}
+        kinds = slot_storage.install(gm, example_inputs, reuse) if gm is not None else {}
         for result in results:
             self.blocks.append(result)
             self.stamps.append(next(_order))
-            if result.rewritten:
-                self.layers.append(runtime.SlotLayer.from_result(result, options.pool))
+            if not result.rewritten:
+                continue
+            known = by_path.get(result.spec.path)
+            if known is not None and known.num_experts == result.spec.num_experts:
+                _share_buffers(gm, result.buffers, known.buffers)
+                continue
+            layer = runtime.SlotLayer.from_result(result, options.pool, kinds.get(id(result.dispatch)))
+            self.layers.append(layer)
+            self._adopt_slots(layer)
+
+    def _adopt_slots(self, layer: runtime.SlotLayer) -> None:
+        """Make a sharded layer's slot tensors the model's parameters (next to the user's experts, so that
+        ``model.parameters()`` gives the optimizer what this rank stores) and remember the user's expert
+        parameters, whose storage :meth:`free_experts` releases once the graph is compiled."""
+        model = self.model
+        if not layer.kinds or model is None:
+            return
+        names = {id(p): n for n, p in model.named_parameters()}
+        owner = _submodule(model, layer.path)
+        for i, kind in enumerate(layer.kinds):
+            kind.names = [names.get(id(t), "") for t in kind.originals]
+            owner.register_parameter(f"moecc_slots_{i}", kind.slots)
+            for t in kind.originals:
+                self.freed[id(t)] = t
+        _install_order_check()
+        if self not in _sharded_sessions:
+            _sharded_sessions.append(self)
+
+    def free_experts(self) -> list[torch.Tensor]:
+        """Release the storage of every user expert parameter the slots replaced; returns those kept (shared
+        storage)."""
+        return slot_storage.free(list(self.freed.values()))
+
+    def memory(self) -> list[dict]:
+        """Per layer, the bytes this rank stores for experts: weights, gradients, optimizer state (counted from
+        tensor storages, so freed parameters count zero)."""
+        rows = []
+        for layer in self.layers:
+            params = layer.params
+            weights = sum(_storage_bytes(p) for p in {id(t): t for t in params + layer.experts.all()}.values())
+            grads = sum(_storage_bytes(p.grad) for p in params if p.grad is not None)
+            state = sum(_storage_bytes(v) for opt in layer.optimizers for p in params
+                        for v in opt.state.get(p, {}).values() if torch.is_tensor(v))
+            rows.append({"layer": layer.path, "slots": layer.local_experts, "weights": weights, "grads": grads,
+                         "optimizer": state})
+        return rows
 
     def report(self):
         """This model's report (``moecc.report(model)``)."""
@@ -65,6 +138,57 @@ class Session:
     @property
     def switch_log(self) -> list:
         return [r for layer in self.layers for r in layer.switch_log]
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes() if t.numel() else 0
+
+
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return model
+
+
+def _share_buffers(gm, new: dict, known: dict) -> None:
+    """Point a recompiled graph's placement buffers and load counter at its layer's, so a switch moves both."""
+    if gm is None:
+        return
+    for name, buf in list(gm.named_buffers()):
+        for key, t in new.items():
+            if buf is t and key in known:
+                owner, _, attr = name.rpartition(".")
+                gm.get_submodule(owner).register_buffer(attr, known[key]) if owner else gm.register_buffer(
+                    attr, known[key])
+
+
+_sharded_sessions: list = []  # sessions whose layers hold slots (Session has no weakref slot)
+_order_check = None
+
+
+def _install_order_check() -> None:
+    """Once per process: refuse a step of an optimizer built before the slots replaced the user's experts (it
+    would step tensors that hold nothing while the slots never train)."""
+    global _order_check
+    if _order_check is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _order_check = register_optimizer_step_pre_hook(_refuse_stale_optimizer)
+
+
+def _refuse_stale_optimizer(optimizer, args, kwargs) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = {id(p) for p in params}
+    for s in list(_sharded_sessions):
+        stale = [t for t in s.freed.values() if id(t) in ids]
+        slots = [p for layer in s.layers for p in layer.params if id(p) in ids]
+        if stale and not slots:
+            raise RuntimeError(
+                f"moecc: this {type(optimizer).__name__} was created before expert parallelism replaced the "
+                f"experts of {s.name} by this rank's slots; it holds the old expert parameters (which now store "
+                "nothing) and not the slots. Create the optimizer after moecc.distribute(model, example_batch, "
+                "mesh=...) (or after the first compiled call)")
 
 
 _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
