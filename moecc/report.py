@@ -1,15 +1,48 @@
-"""``moecc.report()``: what the backend did, one row per MoE block, rendered with rich.
+"""``moecc.report()``: what the backend did, rendered with rich, at two levels of detail.
 
-The rows come from the sessions (``moecc/session.py``): one model's with ``moecc.report(model)``, every model's
+* ``moecc.report()``: the one-screen summary, one row per MoE block (graph, path, form, spec, weights, outcome,
+  node counts before and after the rewrite; under expert parallelism the experts per rank and the rows sent).
+* ``moecc.report(detail="graph")`` or ``Report.block(path)``: each block's part of the graph before and after,
+  stage by stage (router, dispatch, experts, combine, shared experts), every node with its op, target, shapes and
+  dtypes (``passes/graph_view.py`` makes this data at compile time); a fallback's region with the node where
+  matching stopped marked, and the reason.
+
+The output is deterministic: no addresses and no timings unless asked (``timings=True`` adds the rewrite check
+times and the measured times of switches; predicted against measured layer times show when the runtime recorded
+them), so two runs can be diffed. ``save_html`` writes every section, each folded in a ``<details>``.
+
+The rows come from the sessions (``moecc/sessions.py``): one model's with ``moecc.report(model)``, every model's
 of the process without an argument.
 """
 from __future__ import annotations
 
+import html
 import io
 from dataclasses import dataclass, field
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
+
+DETAILS = ("summary", "graph")
+
+_STATUS_STYLE = {"kept": "dim", "removed": "red", "added": "green"}
+_OP = {"call_function": "fn", "call_method": "method", "call_module": "module", "get_attr": "attr"}
+
+
+@dataclass(slots=True)
+class LayerTiming:
+    """One block's layer time under expert parallelism: the cost model's prediction beside a measurement.
+
+    Filled by the runtime (the profiler's moecc op times, or a timer around the layer when asked); the report
+    shows the ones it is given and never measures anything itself.
+    """
+
+    block: str  # the block's module path
+    predicted_s: float | None = None
+    measured_s: float | None = None
+    source: str = ""  # how it was measured: "profiler", "timer"
+    step: int | None = None
 
 
 @dataclass(slots=True)
@@ -18,6 +51,13 @@ class Report:
 
     blocks: list = field(default_factory=list)  # passes.moe_pass.BlockResult
     switches: list = field(default_factory=list)  # moecc.runtime.SwitchRecord, oldest first
+    timings: list = field(default_factory=list)  # LayerTiming, when the runtime recorded them
+    detail: str = "summary"  # or "graph": each block's graph view after the summary
+    show_timings: bool = False  # check times and measured switch times (they change from run to run)
+
+    def __post_init__(self) -> None:
+        if self.detail not in DETAILS:
+            raise ValueError(f"moecc: report detail must be one of {', '.join(DETAILS)}, got {self.detail!r}")
 
     @property
     def rewritten(self) -> list:
@@ -27,11 +67,14 @@ class Report:
     def fallbacks(self) -> list:
         return [b for b in self.blocks if not b.rewritten]
 
+    # --- the summary ---------------------------------------------------------------------------------------
+
     def table(self) -> Table:
         table = Table(title="moecc: MoE blocks")
         parallel = any(b.layout for b in self.blocks)
-        columns = ["graph", "block", "form", "spec", "weights", "outcome"]
+        columns = ["graph", "block", "form", "spec", "weights", "outcome", "nodes"]
         columns += ["experts per rank (slots)", "rows sent per rank"] if parallel else []
+        columns += ["check"] if self.show_timings else []
         for col in columns:
             table.add_column(col, overflow="fold")
         for b in self.blocks:
@@ -40,46 +83,211 @@ class Report:
             style = "green" if b.rewritten else "yellow"
             spec = "; ".join([s.summary(), *s.notes])
             outcome = f"{b.outcome} ({b.kernel})" if b.kernel else b.outcome
-            row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{outcome}[/]"]
+            row = [b.graph, s.path or "<root>", s.form, spec, weights, f"[{style}]{outcome}[/]", _node_counts(b)]
             if parallel:
                 row += [b.layout, str(b.send_rows or "")]
+            if self.show_timings:
+                row.append(f"{b.check_s:.2f} s")
             table.add_row(*row)
         return table
 
     def switch_table(self) -> Table:
         table = Table(title="moecc: placement switches")
-        for col in ("step", "block", "from (experts per rank)", "to", "moved experts", "predicted gain/step",
-                    "predicted cost", "switch took", "measured gain/step"):
+        columns = ["step", "block", "from (experts per rank)", "to", "moved experts", "predicted gain/step",
+                   "predicted cost"]
+        columns += ["switch took", "measured gain/step"] if self.show_timings else []
+        for col in columns:
             table.add_column(col, overflow="fold")
         for r in self.switches:
-            measured = "" if r.measured_gain_s is None else f"{1e3 * r.measured_gain_s:.2f} ms"
-            table.add_row(str(r.step), r.layer or "<root>", str(r.placement_from), str(r.placement_to),
-                          str(r.moved_experts), f"{1e3 * r.predicted_gain_s:.2f} ms",
-                          f"{1e3 * r.predicted_cost_s:.2f} ms", f"{1e3 * r.switch_s:.2f} ms", measured)
+            row = [str(r.step), r.layer or "<root>", str(r.placement_from), str(r.placement_to), str(r.moved_experts),
+                   _ms(r.predicted_gain_s), _ms(r.predicted_cost_s)]
+            if self.show_timings:
+                row += [_ms(r.switch_s), _ms(r.measured_gain_s)]
+            table.add_row(*row)
         return table
 
-    def __rich__(self):
-        from rich.console import Group
+    def timing_table(self) -> Table:
+        """Predicted against measured layer time, per block (only what the runtime recorded)."""
+        table = Table(title="moecc: predicted vs measured layer time")
+        for col in ("block", "step", "predicted", "measured", "measured / predicted", "measured by"):
+            table.add_column(col, overflow="fold")
+        for t in self.timings:
+            ratio = f"{t.measured_s / t.predicted_s:.2f}" if t.measured_s and t.predicted_s else ""
+            table.add_row(t.block or "<root>", "" if t.step is None else str(t.step), _ms(t.predicted_s),
+                          _ms(t.measured_s), ratio, t.source)
+        return table
 
-        return Group(self.table(), self.switch_table()) if self.switches else self.table()
+    def summary(self) -> Group:
+        """The one-screen part: the block table, and the switch and timing tables when there is anything in them."""
+        parts = [self.table()]
+        if self.switches:
+            parts.append(self.switch_table())
+        if self.timings:
+            parts.append(self.timing_table())
+        return Group(*parts)
+
+    # --- the graph views -----------------------------------------------------------------------------------
+
+    def block(self, path: str) -> Group:
+        """The graph view of the block(s) at module path ``path`` ("" or "<root>" for the root module)."""
+        path = "" if path == "<root>" else path
+        found = [b for b in self.blocks if b.spec.path == path]
+        if not found:
+            known = ", ".join(b.spec.path or "<root>" for b in self.blocks) or "none"
+            raise KeyError(f"moecc: no MoE block at {path or '<root>'!r}; the report's blocks: {known}")
+        return Group(*(block_section(b) for b in found))
+
+    def graph_views(self) -> Group:
+        return Group(*(block_section(b) for b in self.blocks))
+
+    def sections(self) -> list[tuple[str, object]]:
+        """(title, renderable) for every section, in order: the summary, then one per block."""
+        return [("moecc report: summary", self.summary())] + [(_block_title(b), block_section(b))
+                                                              for b in self.blocks]
+
+    # --- output --------------------------------------------------------------------------------------------
+
+    def __rich__(self):
+        return Group(self.summary(), self.graph_views()) if self.detail == "graph" else self.summary()
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True)
-        with console.capture() as cap:
-            console.print(self)
-        return cap.get()
+        return render_text(self)
 
     def save_html(self, path: str, width: int = 160) -> None:
-        """The report as a standalone HTML page (rich's export), for sharing."""
-        out = console(width, quiet=True)
-        out.print(self)
-        out.save_html(path)
+        """Every section of the report (summary and each block's graph view, whatever ``detail`` is) in one
+        standalone HTML page, each section folded in a ``<details>`` (the summary open), for sharing."""
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(self.html(width))
+
+    def html(self, width: int = 160) -> str:
+        parts = []
+        for i, (title, renderable) in enumerate(self.sections()):
+            rec = console(width, quiet=True)
+            rec.print(renderable)
+            code = rec.export_html(inline_styles=True, code_format="{code}")
+            parts.append(f"<details{' open' if i == 0 else ''}><summary>{html.escape(title)}</summary>\n"
+                         f"<pre class=\"moecc\">{code}</pre></details>")
+        return _HTML_PAGE.format(body="\n".join(parts))
 
     def save_svg(self, path: str, width: int = 160) -> None:
-        """The report as an SVG image (rich's export), for sharing."""
+        """The report as printed (its ``detail``) as an SVG image (rich's export), for sharing."""
         out = console(width, quiet=True)
         out.print(self)
         out.save_svg(path, title="moecc report")
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="UTF-8">
+<title>moecc report</title>
+<style>
+body {{ color: #000000; background-color: #ffffff; font-family: sans-serif; }}
+summary {{ cursor: pointer; font-weight: bold; margin: 0.4em 0; }}
+pre.moecc {{ font-family: Menlo, 'DejaVu Sans Mono', consolas, 'Courier New', monospace; font-size: 13px;
+            line-height: 1.25; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1e3 * seconds:.2f} ms"
+
+
+def _node_counts(b) -> str:
+    view = getattr(b, "view", None)
+    if view is None or view.error:
+        return ""
+    return f"{view.nodes_before} -> {view.nodes_after}" if view.rewritten else f"{view.nodes_before} (kept)"
+
+
+def _block_title(b) -> str:
+    outcome = f"{b.outcome} ({b.kernel})" if b.kernel else b.outcome
+    counts = _node_counts(b)
+    return f"{b.spec.path or '<root>'} ({b.graph}): {outcome}" + (f", nodes {counts}" if counts else "")
+
+
+def block_section(b) -> Group:
+    """One block's graph view: a title, a table of its stages (original | rewritten), the plan under expert
+    parallelism, and for a fallback the reason."""
+    view = getattr(b, "view", None)
+    parts = [Text(_block_title(b), style="bold green" if b.rewritten else "bold yellow")]
+    if view is None:
+        parts.append(Text("  no graph view recorded for this block", style="dim"))
+    elif view.error:
+        parts.append(Text(f"  the graph view could not be built: {view.error}", style="red"))
+    else:
+        parts.append(stage_table(view))
+    if b.layout:
+        parts.append(plan_table(b))
+    if not b.rewritten:
+        stopped = view.stopped if view is not None else ()
+        where = ", ".join(stopped) if stopped else "the reason names no node: the whole region stays"
+        parts.append(Text(f"  why: {b.outcome.split(': ', 1)[-1]}\n  where matching stopped: {where}",
+                          style="yellow"))
+    parts.append(Text(""))
+    return Group(*parts)
+
+
+def stage_table(view) -> Table:
+    """Stage by stage, the block's original nodes beside the rewritten ones (kept dim, removed red, added
+    green); a fallback shows the original region only, the nodes its reason names marked."""
+    table = Table(show_lines=True, expand=False)
+    table.add_column("stage", no_wrap=True)
+    table.add_column(f"original ({view.nodes_before} nodes)")
+    if view.rewritten:
+        table.add_column(f"rewritten ({view.nodes_after} nodes)")
+    for stage in view.stages:
+        if not stage.before and not stage.after:
+            continue
+        counts = f"{len(stage.before)} -> {len(stage.after)}" if view.rewritten else f"{len(stage.before)}"
+        row = [Text(f"{stage.name}\n{counts}"), node_list(stage.before)]
+        if view.rewritten:
+            row.append(node_list(stage.after))
+        table.add_row(*row)
+    return table
+
+
+def node_list(nodes) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    for col in ("name", "op", "target", "value"):
+        grid.add_column(col, overflow="fold")
+    for n in nodes:
+        style = "bold red reverse" if n.stopped else _STATUS_STYLE.get(n.status, "")
+        name = f"{n.name} <- stopped here" if n.stopped else n.name
+        grid.add_row(Text(name, style=style), Text(_OP.get(n.op, n.op), style="dim"), Text(n.target, style=style),
+                     Text(n.value, style="dim" if n.status == "kept" else ""))
+    return grid
+
+
+def plan_table(b) -> Table:
+    """Expert parallelism: the experts each rank's slots hold and the rows it sent on the compile step (and
+    received, when the runtime records that)."""
+    table = Table(title=f"plan: {b.spec.path or '<root>'}", title_justify="left")
+    received = getattr(b, "recv_rows", None)
+    for col in ("rank", "experts (slots)", "rows sent to it", *(["rows received from it"] if received else [])):
+        table.add_column(col)
+    per_rank = [part.split(": ", 1)[-1] for part in b.layout.split("; ")]
+    sent = b.send_rows or []
+    for r, experts in enumerate(per_rank):
+        row = [str(r), experts, str(sent[r]) if r < len(sent) else ""]
+        if received:
+            row.append(str(received[r]) if r < len(received) else "")
+        table.add_row(*row)
+    return table
+
+
+def render_text(renderable, width: int = 160) -> str:
+    """``renderable`` as plain text (no colour codes) at ``width`` columns."""
+    out = Console(width=width, file=io.StringIO(), color_system=None, force_terminal=False)
+    with out.capture() as cap:
+        out.print(renderable)
+    return cap.get()
 
 
 def console(width: int = 160, quiet: bool = False) -> Console:
@@ -87,11 +295,14 @@ def console(width: int = 160, quiet: bool = False) -> Console:
     return Console(width=width, record=True, file=io.StringIO() if quiet else None)
 
 
-def report(model=None) -> Report:
+def report(model=None, detail: str = "summary", timings: bool = False) -> Report:
     """What moecc did for ``model`` (the module given to ``torch.compile``, or what it returned), or without a
-    model, for every model of this process so far."""
+    model, for every model of this process so far. ``detail="graph"`` adds each block's graph view;
+    ``timings=True`` the times that change from run to run."""
     from moecc import sessions
 
     if model is not None:
-        return sessions.session(model).report()
-    return Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log])
+        found = sessions.session(model).report()
+    else:
+        found = Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log])
+    return Report(found.blocks, found.switches, found.timings, detail=detail, show_timings=timings)

@@ -1,8 +1,10 @@
-"""``moecc report [--html FILE] [--svg FILE] SCRIPT_OR_MODULE [ARGS...]``: run a sample, show what moecc did.
+"""``moecc report [--graph] [--block PATH] [--timings] [--html FILE] [--svg FILE] SCRIPT_OR_MODULE [ARGS...]``:
+run a sample, show what moecc did.
 
 The script (a path) or module (a dotted name, run as ``python -m`` would) runs in this process with ``ARGS`` as its
 ``sys.argv[1:]``; every ``torch.compile(..., backend="moecc")`` in it records its MoE blocks, and the report of
-those blocks is printed afterwards, and written as HTML and/or SVG (rich's export) for sharing.
+those blocks is printed afterwards: the summary, with ``--graph`` each block's graph view too, with ``--block``
+only the named block's. ``--html`` writes every section (folded) whatever is printed; ``--svg`` what is printed.
 """
 from __future__ import annotations
 
@@ -24,8 +26,15 @@ def add_commands(subparsers) -> None:
     rep.add_argument("target", metavar="SCRIPT_OR_MODULE", nargs="?")
     # Everything after the target is the script's (options of ``report`` itself go before the target).
     rep.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    rep.add_argument("--html", metavar="FILE", help="also write the report as HTML")
-    rep.add_argument("--svg", metavar="FILE", help="also write the report as SVG")
+    rep.add_argument("--graph", action="store_true",
+                     help="also print each block's graph view: its nodes before and after, stage by stage")
+    rep.add_argument("--block", metavar="PATH", action="append", default=[],
+                     help="print only this block's graph view (its module path; repeatable)")
+    rep.add_argument("--timings", action="store_true",
+                     help="also show times that change from run to run (rewrite checks, switches)")
+    rep.add_argument("--html", metavar="FILE",
+                     help="also write the report as HTML: every section, each block's graph view folded")
+    rep.add_argument("--svg", metavar="FILE", help="also write the report as printed as SVG")
     rep.add_argument("--width", type=_width, default=160, help="console width for the table (default 160)")
     rep.set_defaults(run=run_report)
 
@@ -116,6 +125,8 @@ def _fail(message: str, code: int = 2) -> int:
 def run_report(args) -> int:
     import importlib
 
+    from rich.console import Group
+
     report = importlib.import_module("moecc.report")  # the module (``moecc.report`` is also the function)
 
     if args.target is None:
@@ -139,14 +150,19 @@ def run_report(args) -> int:
     except Exception as err:  # the script's own error: its traceback is the script's, not moecc's
         traceback.print_exc()
         return _fail(f"{args.target} raised {type(err).__name__}: {err} (its traceback is above); no report", 1)
-    rep = report.Report(report.report().blocks[before:])
+    rep = report.Report(report.report().blocks[before:], detail="graph" if args.graph else "summary",
+                        show_timings=args.timings)
     if not rep.blocks:
         print(f"moecc report: {args.target} compiled no MoE block with backend='moecc'", file=sys.stderr)
+    try:
+        shown = Group(*(rep.block(path) for path in args.block)) if args.block else rep
+    except KeyError as err:
+        return _fail(err.args[0])
     console = report.console(width=args.width)
-    console.print(rep)
+    console.print(shown)
     try:
         if args.html:
-            console.save_html(args.html, clear=False)
+            rep.save_html(args.html, width=args.width)
         if args.svg:
             console.save_svg(args.svg, clear=False, title="moecc report")
     except OSError as err:

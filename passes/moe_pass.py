@@ -20,6 +20,7 @@ from .detect import Block, detect_moe_blocks
 from .expert_template import TemplateError
 from .ffn_match import FusedFFN, match_fused_ffn
 from .graph_utils import copy_graph_module, fake, remap
+from .graph_view import block_view
 from .rewrite_slots import RewriteError, Routing, find_routing, record_routing_values, rewrite_block
 from .spec import MoESpec
 from .validate import check_equivalent
@@ -63,6 +64,7 @@ class BlockResult:
     experts: ExpertWeights | None = None
     d_model: int = 0
     send_rows: list[int] | None = None  # rows this rank sent to each rank on the example step
+    view: object | None = None  # passes.graph_view.BlockView: the block's nodes before and after, for the report
 
     @property
     def rewritten(self) -> bool:
@@ -97,7 +99,7 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
         ffn = match_fused_ffn(block.template) if config.fused_ffn and block.template is not None else None
         plans.append(_Plan(i, block, config.dispatch(block.spec.path, block.spec.num_experts), ffn))
     if not plans:
-        return gm, [results[i] for i in sorted(results)]
+        return gm, _viewed(gm, blocks, gm, results)
     agree = plans[0].dispatch.agree  # every strategy of a compile shares one group: one place to agree
 
     # One recording run of the original graph finds every block's routing values.
@@ -141,7 +143,15 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
             result.buffers["load_counts"].zero_()  # the checks ran the graph; the monitor counts training steps only
         if "capacity_factor" in result.buffers:
             result.buffers["capacity_factor"].fill_(config.capacity_factor)  # checked dropless; now drop as asked
-    return current, [results[i] for i in sorted(results)]
+    return current, _viewed(gm, blocks, current, results)
+
+
+def _viewed(original: fx.GraphModule, blocks: list[Block], rewritten: fx.GraphModule,
+            results: dict[int, BlockResult]) -> list[BlockResult]:
+    """The results in block order, each with its graph view (what the report shows of the block's nodes)."""
+    for i, result in results.items():
+        result.view = block_view(original, blocks[i], rewritten, result.outcome, result.buffers)
+    return [results[i] for i in sorted(results)]
 
 
 def concrete_inputs(example_inputs) -> list:
