@@ -8,6 +8,8 @@ in torch.
 """
 import importlib
 
+from moecc.explain import explain  # torch-free at import; bound eagerly for the reason ``report`` is (below)
+
 # ``report`` is both a submodule and the function users call: bind the function after the module loads (rich
 # only, no torch), so that the package attribute is the function.
 from moecc.report import Report, report
@@ -18,9 +20,8 @@ _EXPORTS = {
     "consolidate": "moecc.sessions", "expert_parameter_names": "moecc.sessions", "save_trace": "moecc.sessions",
     "sync_expert_grads": "moecc.sessions", "switch": "moecc.runtime", "set_capacity_factor": "moecc.runtime",
     "distribute": "moecc.distributed",
-    "explain": "moecc.explain",
 }
-__all__ = ["Report", "report", *sorted(_EXPORTS)]
+__all__ = ["Report", "report", "explain", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str):

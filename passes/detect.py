@@ -43,6 +43,7 @@ class Block:
     template: ExpertTemplate | None = None
     error: str | None = None  # why this block will not be rewritten
     param_nodes: dict[str, fx.Node] = field(default_factory=dict)
+    near_miss: bool = False  # a selection over E scores whose experts (or router) were not recognised
 
 
 def _params(graph: fx.Graph) -> dict[str, fx.Node]:
@@ -90,10 +91,13 @@ def _router_weight(gate: fx.Node) -> fx.Node | None:
 
 
 def _anchor(node: fx.Node) -> tuple[int, int, fx.Node] | None:
-    """(E, k, expert-ids node) if ``node`` picks experts: ``topk`` over E scores, or ``argmax`` over E (top-1,
-    Switch Transformers). None otherwise."""
+    """(E, k, expert-ids node) if ``node`` picks experts: ``topk`` over E scores, or ``argmax`` or ``max(dim)``
+    over E (top-1, Switch Transformers). None otherwise."""
     if is_call(node, *TOPK):
         k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+        indices = next((u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
+    elif is_call(node, torch.max, "max") and _last_dim(node):  # ``values, ids = scores.max(dim=-1)``
+        k = 1
         indices = next((u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
     elif is_call(node, torch.argmax, "argmax"):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -107,6 +111,13 @@ def _anchor(node: fx.Node) -> tuple[int, int, fx.Node] | None:
     if scores is None or not isinstance(scores.shape[-1], int) or not isinstance(k, int) or indices is None:
         return None
     return scores.shape[-1], k, indices
+
+
+def _last_dim(node: fx.Node) -> bool:
+    """The reduction of ``max``/``argmax`` runs over the last dimension (the E scores of each token)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    scores = fake(node.args[0])
+    return isinstance(dim, int) and scores is not None and dim in (-1, scores.dim() - 1)
 
 
 def _gate_linear(topk: fx.Node, num_experts: int) -> fx.Node | None:
@@ -194,9 +205,13 @@ def _grouped_sources(params: dict[str, fx.Node], num_experts: int, exclude: set[
             if name in GROUPED_CALLS or (u.target is operator.getitem and isinstance(u.args[1], fx.Node)):
                 stacked[path] = node
                 break
-            if u.op == "call_method" and u.target in ("transpose", "t", "mT", "contiguous"):
+            if u.op == "call_method" and u.target in _GROUPED_WEIGHT_VIEWS:
                 users.extend(u.users)
     return stacked
+
+
+# Views and casts between a stacked weight and the grouped GEMM reading it (torchtitan: ``w.bfloat16().mT``).
+_GROUPED_WEIGHT_VIEWS = {"transpose", "t", "mT", "contiguous", "to", "float", "bfloat16", "half", "type"}
 
 
 def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
@@ -205,21 +220,25 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
     params = _params(graph)
     lists = _modulelist_containers(params)
     blocks: dict[str, Block] = {}
+    near: dict[str, Block] = {}  # router path -> a selection whose experts were not recognised
     for topk in graph.nodes:
         anchor = _anchor(topk)
         if anchor is None:
             continue
         num_experts, k, indices = anchor
         gate = _gate_linear(topk, num_experts)
-        if gate is None:
-            continue
         router_path = module_path(topk)
+        if gate is None:
+            if num_experts >= 2 and _expert_sized(params, lists, router_path, num_experts):
+                near[router_path] = _near_miss(topk, indices, None, num_experts, k, graph, _no_router(topk))
+            continue
         exclude = {w for w in (gate.args[1] if len(gate.args) > 1 else None, _router_weight(gate)) if w is not None}
 
         containers = [(p, m) for p, m in lists.items() if len(m) == num_experts]
-        near = _nearest_params({p: n for p, n in params.items() if n not in exclude}, router_path, num_experts)
-        stacked_loop = _stacked_sources(near, num_experts, exclude)
-        grouped = _grouped_sources(near, num_experts, exclude)
+        near_params = _nearest_params({p: n for p, n in params.items() if n not in exclude}, router_path,
+                                      num_experts)
+        stacked_loop = _stacked_sources(near_params, num_experts, exclude)
+        grouped = _grouped_sources(near_params, num_experts, exclude)
         best = max(containers, key=lambda pm: (len(common_prefix([pm[0], router_path])), len(pm[0])), default=None)
         try:
             if best is not None:
@@ -242,6 +261,10 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
                 weights, form = "stacked", "batched_mm" if batched else "grouped_mm"
                 pnames = tuple(p.split(".")[-1] for p in grouped)
             else:
+                if not (_expert_sized(params, lists, router_path, num_experts) or _router_named(gate, topk)):
+                    continue  # a top-k over a linear's outputs with nothing MoE about it (sampling over a vocab)
+                near[router_path] = _near_miss(topk, indices, gate, num_experts, k, graph,
+                                               _why_no_experts(near_params, lists, num_experts))
                 continue
             error = None
         except TemplateError as exc:
@@ -264,15 +287,91 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
             error = (f"the block draws random numbers ({random}: router jitter or dropout in training), so its "
                      "result cannot be reproduced to check a rewrite")
         # Capacity: the router itself counts each expert's tokens in order (Switch's cumsum over the one-hot ids).
+        # (A cumsum of the [E] counts is a grouped GEMM's offsets, not positions within an expert.)
         if any(is_call(n, torch.cumsum, "cumsum") and _inside(module_path(n), router_path)
-               for n in descendants([topk]) & own):
+               and (v := fake(n.args[0])) is not None and v.dim() >= 2 for n in descendants([topk]) & own):
             spec.notes.append("capacity: a token past its expert's capacity is dropped")
         spec.shared_experts = tuple(sorted({_shared_path(module_path(n), block_path) for n in graph.nodes
                                             if "shared" in module_path(n) and module_path(n).startswith(block_path)}))
         # A later topk of the same block (the final selection after a group-limited one) replaces the earlier.
         blocks[block_path] = Block(spec=spec, topk=topk, indices=indices, x=gate.args[0], template=template,
                                    error=error, param_nodes=params)
-    return list(blocks.values())
+    # A near miss inside (or around) a recognised block is one of its own selections (a group-limited top-k).
+    misses = [b for path, b in near.items() if not any(_inside(path, p) or _inside(p, path) for p in blocks)]
+    return list(blocks.values()) + misses
+
+
+def _expert_sized(params: dict[str, fx.Node], lists: dict, router_path: str, num_experts: int) -> bool:
+    """Whether the graph holds E-sized expert candidates near ``router_path``: a ModuleList of E modules or a
+    parameter stacked ``[E, ...]``, in the router's module or an enclosing one's."""
+    owner = stacked_path_parent(router_path)
+    near = [p for p, m in lists.items() if len(m) == num_experts]
+    near += [stacked_path_parent(p) for p, n in params.items()
+             if (v := fake(n)) is not None and v.dim() >= 2 and v.shape[0] == num_experts]
+    return any(_inside(p, owner) or _inside(owner, p) for p in near)
+
+
+_ROUTER_WORDS = re.compile(r"gate|gating|router|routing|moe|expert", re.IGNORECASE)
+
+
+def _router_named(gate: fx.Node, topk: fx.Node) -> bool:
+    """The selection lives in a module named like an MoE router (``mlp.gate``, ``moe.router``)."""
+    weight = _router_weight(gate)
+    names = [module_path(topk), module_path(gate), source_path(weight) if weight is not None else None]
+    return any(name and _ROUTER_WORDS.search(name) for name in names)
+
+
+def _no_router(topk: fx.Node) -> str:
+    return (f"selection over the scores at {module_path(topk) or '<root>'} found, but no router: no linear or "
+            "matmul producing one score per expert feeds it")
+
+
+def _why_no_experts(near_params: dict[str, fx.Node], lists: dict, num_experts: int) -> str:
+    """Which step of recognising the experts failed, in words a user can act on."""
+    if not near_params:
+        sizes = sorted({len(m) for m in lists.values()})
+        lists_note = f" (ModuleLists here have {', '.join(map(str, sizes))} members)" if sizes else ""
+        return (f"experts not recognised: no ModuleList of {num_experts} modules and no parameter stacked "
+                f"[{num_experts}, ...] in this graph{lists_note}; the experts may run in another graph "
+                "(a graph break between router and experts?)")
+    uses = {path: _first_use(node) for path, node in sorted(near_params.items())}
+    said = "; ".join(f"{path} {list(fake(near_params[path]).shape)} is read by {use}" for path, use in uses.items())
+    why = ("experts not recognised: moecc reads stacked expert weights per expert (w[e]), whole by a grouped "
+           f"GEMM (torch._grouped_mm) or gathered per row (w[ids]), but {said}")
+    if any("einsum" in use for use in uses.values()):
+        why += (". Einsum experts over [E, C, ...] capacity slots (GShard/Switch dispatch masks) are not rewritten: "
+                "write the experts as w[e] or torch._grouped_mm over the routed rows, and ask for the drops with "
+                "options={'moecc.capacity_factor': f}")
+    return why
+
+
+def _first_use(node: fx.Node) -> str:
+    """The ops a stacked weight goes through before it is used for real: ``bfloat16 -> transpose -> einsum``."""
+    chain = []
+    while True:
+        users = list(node.users)
+        if not users:
+            return " -> ".join(chain) or "nothing"
+        names = sorted({f"`{target_name(u)}`" for u in users})
+        chain.append(" / ".join(names))
+        if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _GROUPED_WEIGHT_VIEWS:
+            return " -> ".join(chain)
+        node = users[0]
+
+
+def _near_miss(topk: fx.Node, indices: fx.Node, gate: fx.Node | None, num_experts: int, k: int, graph: fx.Graph,
+               why: str) -> Block:
+    """A selection over E scores beside E-sized parameters that is not a block moecc can rewrite: a report row
+    with what was found and the step that failed."""
+    router_path = module_path(topk)
+    own = {n for n in graph.nodes if _inside(module_path(n), router_path)}
+    router = _router_spec(topk, gate, k, own) if gate is not None else RouterSpec(score="unknown", top_k=k)
+    if gate is not None:
+        where = f"router found at {router_path or '<root>'} ({router.score}, top-{k} of {num_experts}); "
+        why = where + why
+    spec = MoESpec(path=router_path, form="unknown", num_experts=num_experts, router=router)
+    x = gate.args[0] if gate is not None else topk.args[0]
+    return Block(spec=spec, topk=topk, indices=indices, x=x, error=why, near_miss=True)
 
 
 def _layouts(template: ExpertTemplate) -> tuple[str, ...]:

@@ -22,6 +22,8 @@ _WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bflo
                  torch.t}
 _ROW_PRELUDE = {"to", "float", "bfloat16", "half", "type", "contiguous", "unsqueeze"}
 _ROW_POSTLUDE = {"squeeze"}
+# Casts of the expert's output (torchtitan's ``.type_as(x)`` after a bf16 grouped GEMM) belong to the expert too.
+_CAST_POSTLUDE = {"to", "float", "bfloat16", "half", "type", "type_as"}
 GROUPED_CALLS = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
 
 
@@ -36,6 +38,7 @@ class WeightRef:
     role: str  # "w1.weight" for ModuleList experts, the parameter path for stacked ones
     nodes: list[fx.Node]  # in expert order; one node if stacked
     transposed: bool = False  # the graph applied an odd number of transposes to the stored weight
+    cast: torch.dtype | None = None  # the dtype the computation reads it in, when not the stored one (``.bfloat16()``)
 
     @property
     def stacked(self) -> bool:
@@ -119,7 +122,17 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
     while len(nodes[-1].users) == 1 and (tail := next(iter(nodes[-1].users))).op == "call_method" \
             and tail.target in _ROW_POSTLUDE and len(tail.all_input_nodes) == 1:
         nodes.append(tail)
+    while len(nodes[-1].users) == 1 and _is_output_cast(tail := next(iter(nodes[-1].users)), nodes[-1]):
+        nodes.append(tail)
     return nodes, rows, exprs
+
+
+def _is_output_cast(node: fx.Node, value: fx.Node) -> bool:
+    """``value.to(dtype)``, ``value.float()``, ``value.type_as(other)``: a cast of ``value`` and nothing else."""
+    if node.op != "call_method" or node.target not in _CAST_POSTLUDE or node.args[0] is not value:
+        return False
+    others = [a for a in node.all_input_nodes if a is not value]
+    return not others or (node.target == "type_as" and fake(node.args[1]) is not None)
 
 
 def _is_row_gather(node: fx.Node, weight: fx.Node) -> bool:
@@ -174,6 +187,7 @@ def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_n
     for e, sig in enumerate(signatures[1:], start=1):
         if sig != signatures[0]:
             raise TemplateError(f"expert {e} computes something different from expert 0")
+    _check_independent(computations, node_index)
     nodes, rows, exprs = computations[0]
 
     weights: dict[fx.Node, WeightRef] = {}
@@ -186,11 +200,38 @@ def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_n
             for _, _, other_exprs in computations:
                 match = [s for s, _ in other_exprs.values() if role_of(s) == role]
                 ref_nodes.append(match[0])
-        weights[expr] = WeightRef(role=role, nodes=ref_nodes, transposed=bool(transposes % 2))
+        weights[expr] = WeightRef(role=role, nodes=ref_nodes, transposed=bool(transposes % 2),
+                                  cast=_cast_of(expr, stacked_nodes[role] if stacked_nodes is not None else src))
     all_sources = {n for _, _, ex in computations for n in ex}
     return ExpertTemplate(rows=rows, nodes=nodes, weights=weights,
                           per_expert_outputs=[_value_of(c[0][-1]) for c in computations],
                           per_expert_rows=[c[1] for c in computations], sources=all_sources)
+
+
+def _check_independent(computations, node_index: dict[fx.Node, int]) -> None:
+    """Each expert reads only its own rows: one whose input depends on another expert's computation (a chain of
+    experts, a running statistic) is not a set of E experts that can run side by side."""
+    owner = {n: e for e, (nodes, _, _) in enumerate(computations) for n in nodes}
+    first = min((node_index[n] for n in owner), default=0)
+    for e, (_, rows, _) in enumerate(computations):
+        todo, seen = [rows], set()
+        while todo:  # ancestors of the rows, down to where the first expert starts
+            n = todo.pop()
+            for a in n.all_input_nodes:
+                if a in seen or node_index[a] < first:
+                    continue
+                seen.add(a)
+                if owner.get(a, e) != e:
+                    raise TemplateError(f"expert {e}'s input rows depend on expert {owner[a]}'s output: experts "
+                                        "that read each other's results are not E independent experts")
+                todo.append(a)
+
+
+def _cast_of(expr: fx.Node, source: fx.Node) -> torch.dtype | None:
+    expr_fake, source_fake = fake(expr), fake(source)
+    if expr_fake is None or source_fake is None or expr_fake.dtype == source_fake.dtype:
+        return None
+    return expr_fake.dtype
 
 
 def _value_of(node: fx.Node) -> fx.Node:
@@ -223,6 +264,8 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
     local: dict[fx.Node, fx.Node] = {template.rows: x_sorted}
 
     def weight_list(ref: WeightRef) -> list[fx.Node]:
+        if ref.cast is not None:  # as the user's code reads it (a bf16 copy per step, as in eager)
+            return [graph.call_method("to", (env[n], ref.cast)) for n in ref.nodes]
         return [env[n] for n in ref.nodes]
 
     def row_bias(ref: WeightRef) -> fx.Node:
@@ -267,6 +310,8 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
             ref = template.weights[node.args[1]]
             out = graph.call_function(torch.ops.moecc.grouped_mm.default,
                                       (arg(node.args[0]), weight_list(ref), offsets, ref.transposed))
+        elif node.op == "call_method" and node.target == "type_as" and node.args[1] not in local:
+            out = graph.call_method("to", (arg(node.args[0]), fake(node.args[1]).dtype))
         elif weight_args and any(weight_dims(template.weights[a]) == 2 for a in weight_args):
             raise TemplateError(f"expert weight used by {node.target}, which moecc cannot group")
         else:

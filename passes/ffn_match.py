@@ -92,6 +92,8 @@ def match_fused_ffn(template: ExpertTemplate) -> FusedFFN | None:
     if any(target_name(n) not in _ALLOWED and not _identity_dropout(n) for n in template.nodes
            if not (is_call(n, *LINEAR) or is_call(n, *MATMUL) or is_grouped_call(n))):
         return None
+    if any(ref.cast is not None for ref in template.weights.values()):  # the fused op reads weights as stored
+        return None
     rows_fake = fake(template.rows)
     if rows_fake is None or rows_fake.dtype != torch.float32 or rows_fake.device.type != "cpu":
         return None

@@ -60,6 +60,15 @@ def numel_key(t: torch.Tensor) -> str:
     return str(t.numel())
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def computes_in_low_precision(gm: fx.GraphModule) -> bool:
+    """Whether any value of ``gm`` is half precision (torchtitan's bf16 grouped GEMMs inside an fp32 model): its
+    outputs are then only as exact as bf16, whatever their dtype."""
+    return any((v := fake(n)) is not None and v.dtype in LOW_PRECISION for n in gm.graph.nodes)
+
+
 def target_name(node: fx.Node) -> str:
     """What a node calls, as a name: the method name, or the function's ``__name__``."""
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

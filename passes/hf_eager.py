@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import empty_skip
+
 
 def mixtral_template_forward(self, hidden_states, top_k_index, top_k_weights):
     """The experts forward shared by 54 families (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, ...).
@@ -193,7 +195,8 @@ def substitutions():
                 continue
     _depth += 1
     try:
-        yield
+        with empty_skip.assume_nonempty():  # the other trace-time rule of moecc's frames (see empty_skip.py)
+            yield
     finally:
         _depth -= 1
         if _depth == 0:

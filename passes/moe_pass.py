@@ -55,7 +55,7 @@ class BlockResult:
     """What happened to one MoE block, and what a rewritten one hands the runtime."""
 
     spec: MoESpec
-    outcome: str  # "rewritten" or "fallback: <reason>"
+    outcome: str  # "rewritten", "fallback: <reason>", or "not rewritten: <the detection step that failed>"
     graph: str  # the Dynamo graph it was found in
     check_s: float = 0.0
     kernel: str = ""  # how the experts run: "fused glu-silu" (one moecc::expert_ffn) or "grouped GEMM"
@@ -93,8 +93,9 @@ def moe_pass(gm: fx.GraphModule, example_inputs, config: PassConfig,
     results: dict[int, BlockResult] = {}
     plans = []
     for i, block in enumerate(blocks):
-        if block.error is not None:
-            results[i] = BlockResult(spec=block.spec, outcome=f"fallback: {block.error}", graph=graph_name)
+        if block.error is not None:  # a near miss was never a block: nothing to fall back from
+            outcome = f"{'not rewritten' if block.near_miss else 'fallback'}: {block.error}"
+            results[i] = BlockResult(spec=block.spec, outcome=outcome, graph=graph_name)
             continue
         ffn = match_fused_ffn(block.template) if config.fused_ffn and block.template is not None else None
         plans.append(_Plan(i, block, config.dispatch(block.spec.path, block.spec.num_experts), ffn))

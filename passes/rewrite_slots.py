@@ -28,7 +28,16 @@ from moecc.backends.dispatch import Dispatch, emit_getitem
 from .detect import Block
 from .expert_template import emit_grouped
 from .ffn_match import FusedFFN
-from .graph_utils import ancestors, descendants, fake, is_inplace, numel_key, same_shape, target_name
+from .graph_utils import (
+    ancestors,
+    computes_in_low_precision,
+    descendants,
+    fake,
+    is_inplace,
+    numel_key,
+    same_shape,
+    target_name,
+)
 
 _LOCAL_ALLOCS = {"zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like",
                  "new_full", "ones_like"}
@@ -215,11 +224,11 @@ def _standalone(block: Block, weight_node: fx.Node, ffn: FusedFFN | None = None
     return fx.GraphModule(root, graph), inputs
 
 
-def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+def _matches(actual: torch.Tensor, expected: torch.Tensor, low_precision: bool = False) -> bool:
     if actual.numel() != expected.numel():
         return False
     a, e = actual.reshape(-1).double(), expected.reshape(-1).double()
-    tol = 1e-3 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    tol = 1e-3 if low_precision or expected.dtype in (torch.float16, torch.bfloat16) else 1e-5
     scale = max(e.abs().max().item(), 1e-6)
     return bool(((a - e).abs().max() <= tol * 10 * scale + tol).item())
 
@@ -263,12 +272,13 @@ def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None 
         raise RewriteError("no value of shape [tokens, dim] holds the sum of the experts' outputs")
     if values is None or any(n not in values for n in wanted):
         values = _record(gm, inputs, wanted)
+    low = computes_in_low_precision(gm)
     for w in weights[:4]:
         probe, probe_inputs = _standalone(block, w, ffn)
         with torch.no_grad():
             expected = probe(*[values[n] for n in probe_inputs])
         for out, holder in outputs:
-            if out in values and _matches(values[out], expected):
+            if out in values and _matches(values[out], expected, low):
                 return Routing(weights=w, routed=out, holder=holder, indices_value=values[block.indices])
     raise RewriteError("the slot-form computation does not reproduce any value of the block "
                        "(routing or combine semantics moecc does not model, e.g. capacity dropping)")

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import fx
 
+from .graph_utils import LOW_PRECISION, computes_in_low_precision
+
 
 def _copy_inputs(inputs, randomize: bool, generator: torch.Generator):
     out = []
@@ -36,16 +38,16 @@ def _flat_tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _tolerance(t: torch.Tensor) -> tuple[float, float]:
-    return (2e-2, 2e-2) if t.dtype in (torch.float16, torch.bfloat16) else (1e-4, 1e-5)
+def _tolerance(t: torch.Tensor, low_precision: bool) -> tuple[float, float]:
+    return (2e-2, 2e-2) if low_precision or t.dtype in LOW_PRECISION else (1e-4, 1e-5)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _close(a: torch.Tensor, b: torch.Tensor, low_precision: bool = False) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
-    rtol, atol = _tolerance(a)
+    rtol, atol = _tolerance(a, low_precision)
     scale = max(float(a.detach().abs().max()) if a.numel() else 0.0, 1.0)
     return torch.allclose(a.detach(), b.detach(), rtol=rtol, atol=atol * scale)
 
@@ -70,6 +72,8 @@ def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, exampl
     ``reduce_grads`` (expert parallelism) sums each gradient over the ranks before comparing: a rank hosting an
     expert holds the gradient from every rank's tokens, while the original graph holds only its own tokens'.
     """
+    # A graph that computes in bf16 inside (an fp32 model with bf16 expert GEMMs) is compared at bf16 tolerance.
+    low = computes_in_low_precision(original)
     with_grads = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     for trial, randomize in enumerate((False, True)):
@@ -85,12 +89,12 @@ def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, exampl
         if len(ref_out) != len(new_out):
             return f"output count differs on {what}"
         for i, (a, b) in enumerate(zip(ref_out, new_out)):
-            if not _close(a, b):
+            if not _close(a, b, low):
                 return f"output {i} differs on {what} (max abs diff {_maxdiff(a, b)})"
         for i, (a, b) in enumerate(zip(ref_grads, new_grads)):
             if (a is None) != (b is None):
                 return f"gradient {i} present in one graph only on {what}"
-            if a is not None and not _close(a, b):
+            if a is not None and not _close(a, b, low):
                 return f"gradient of input {i} differs on {what} (max abs diff {_maxdiff(a, b)})"
     return None
 

@@ -220,3 +220,159 @@ def gshard_reference(model: LoopMoE, x_BSD: torch.Tensor, factor: float) -> torc
                 used[e] += 1
                 out[t] += weights[t, k] * model.experts[e](x[t:t + 1])[0]
     return out.view_as(x_BSD)
+
+
+# Spellings of issue 13 (reach): the same block written other ways.
+
+
+class GroupedMMMoE(nn.Module):
+    """torch._grouped_mm over stacked [E, F, D] weights (torchtitan's GroupedExperts), argsort dispatch, offsets
+    from the cumsum of per-expert counts, and a combine by ``scatter_add`` or ``index_add``.
+
+    The GEMMs run in bf16 because Dynamo's fake ``_grouped_mm`` refuses fp32 on CPU; the block is fp32 outside.
+    ``counts``: "histc", "bincount" or "onehot" (a bool routing map summed over tokens, torchtitan's).
+    """
+
+    def __init__(self, dim=16, ffn=32, num_experts=4, top_k=2, counts="histc", combine="scatter_add"):
+        super().__init__()
+        self.num_experts, self.top_k, self.counts, self.combine = num_experts, top_k, counts, combine
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1_EFD = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w3_EFD = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w2_EDF = nn.Parameter(torch.randn(num_experts, dim, ffn) / ffn**0.5)
+
+    def _counts_E(self, experts_TK, scores_TE):
+        flat_N = experts_TK.reshape(-1)
+        if self.counts == "histc":
+            return torch.histc(flat_N.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        if self.counts == "bincount":
+            counts_E = torch.bincount(flat_N, minlength=self.num_experts)
+            torch._check(counts_E.size(0) == self.num_experts)
+            return counts_E
+        return torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(-1, experts_TK, True).sum(0)
+
+    def forward(self, x_TD):
+        T, D = x_TD.shape
+        scores_TE = F.softmax(self.gate(x_TD), dim=-1)
+        weights_TK, experts_TK = torch.topk(scores_TE, self.top_k, dim=-1)
+        offsets_E = torch.cumsum(self._counts_E(experts_TK, scores_TE), dim=0, dtype=torch.int32)
+        order_N = torch.argsort(experts_TK.view(-1), stable=True)
+        weights_N = weights_TK.view(-1)[order_N]
+        token_N = order_N // self.top_k
+        x_ND = x_TD[token_N].bfloat16()
+        h_NF = F.silu(torch._grouped_mm(x_ND, self.w1_EFD.bfloat16().transpose(-2, -1), offs=offsets_E))
+        h_NF = h_NF * torch._grouped_mm(x_ND, self.w3_EFD.bfloat16().transpose(-2, -1), offs=offsets_E)
+        y_ND = torch._grouped_mm(h_NF, self.w2_EDF.bfloat16().transpose(-2, -1), offs=offsets_E).type_as(x_TD)
+        y_ND = y_ND * weights_N.unsqueeze(-1)
+        out_TD = torch.zeros_like(x_TD)
+        if self.combine == "scatter_add":
+            return out_TD.scatter_add(0, token_N.view(-1, 1).expand(-1, D), y_ND)
+        return out_TD.index_add(0, token_N, y_ND)
+
+
+class DenseArgmaxMoE(nn.Module):
+    """Dense-masked top-1 chosen with ``max`` (or ``argmax`` and a gather) instead of ``topk``: every expert runs
+    on every token, and a one-hot gate matrix keeps the chosen one (Switch-style routing, no capacity)."""
+
+    def __init__(self, dim=16, ffn=32, num_experts=4, select="max"):
+        super().__init__()
+        self.num_experts, self.select = num_experts, select
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList([SwiGLUExpert(dim, ffn) for _ in range(num_experts)])
+
+    def forward(self, x_TD):
+        probs_TE = F.softmax(self.gate(x_TD), dim=-1)
+        if self.select == "max":
+            weight_T, expert_T = probs_TE.max(dim=-1)
+        else:
+            expert_T = torch.argmax(probs_TE, dim=-1)
+            weight_T = probs_TE.gather(-1, expert_T.unsqueeze(-1)).squeeze(-1)
+        gates_TE = F.one_hot(expert_T, self.num_experts).to(x_TD.dtype) * weight_T.unsqueeze(-1)
+        return sum(gates_TE[:, e:e + 1] * expert(x_TD) for e, expert in enumerate(self.experts))
+
+
+class LoopCombineMoE(LoopMoE):
+    """(a) with the combine spelled ``scatter_add_`` or ``index_put_(accumulate=True)`` instead of ``index_add_``,
+    and optionally the empty-expert skip many hand-written layers have (``if t_idx.numel() == 0: continue``)."""
+
+    def __init__(self, combine="scatter_add", skip_empty=False, **kwargs):
+        super().__init__(**kwargs)
+        self.combine, self.skip_empty = combine, skip_empty
+
+    def forward(self, hidden_BSD):
+        B, S, D = hidden_BSD.shape
+        x_TD = hidden_BSD.view(-1, D)
+        logits_TE, weights_TK, experts_TK = self.router(x_TD)
+        out_TD = torch.zeros_like(x_TD)
+        mask_EKT = F.one_hot(experts_TK, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            k_idx, t_idx = torch.where(mask_EKT[e])
+            if self.skip_empty and t_idx.numel() == 0:
+                continue
+            rows = self.experts[e](x_TD[t_idx]) * weights_TK[t_idx, k_idx, None]
+            if self.combine == "scatter_add":
+                out_TD.scatter_add_(0, t_idx.unsqueeze(-1).expand(-1, D), rows)
+            else:
+                out_TD.index_put_((t_idx,), rows, accumulate=True)
+        return out_TD.view(B, S, D), logits_TE
+
+
+class CrossTalkMoE(LoopMoE):
+    """Malformed on purpose: expert e > 0 reads expert e-1's output as well as its rows. Must not be rewritten,
+    and the report must say so (a near miss)."""
+
+    def forward(self, hidden_BSD):
+        B, S, D = hidden_BSD.shape
+        x_TD = hidden_BSD.view(-1, D)
+        logits_TE, weights_TK, experts_TK = self.router(x_TD)
+        out_TD = torch.zeros_like(x_TD)
+        prev_D = torch.zeros(D)
+        for e in range(self.num_experts):
+            t_idx, k_idx = torch.where(experts_TK == e)
+            y = self.experts[e](x_TD[t_idx] + prev_D)
+            prev_D = y.mean(0) if e == 0 else prev_D
+            out_TD.index_add_(0, t_idx, y * weights_TK[t_idx, k_idx, None])
+        return out_TD.view(B, S, D), logits_TE
+
+
+class GShardEinsumMoE(nn.Module):
+    """GShard / Switch top-1 with the capacity computed in the block and einsum dispatch and combine masks
+    ``[T, E, C]`` (Mesh-TensorFlow / DeepSpeed ``top1gating``): a token past its expert's C slots is dropped."""
+
+    def __init__(self, dim=16, ffn=32, num_experts=4, capacity_factor=1.0):
+        super().__init__()
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.wi_EDF = nn.Parameter(torch.randn(num_experts, dim, ffn) / dim**0.5)
+        self.wo_EFD = nn.Parameter(torch.randn(num_experts, ffn, dim) / ffn**0.5)
+
+    def forward(self, x_TD):
+        T, E = x_TD.shape[0], self.num_experts
+        capacity = math.ceil(self.capacity_factor * T / E)
+        probs_TE = F.softmax(self.gate(x_TD), dim=-1)
+        expert_T = torch.argmax(probs_TE, dim=-1)
+        mask_TE = F.one_hot(expert_T, E)
+        position_TE = torch.cumsum(mask_TE, dim=0) * mask_TE - 1
+        mask_TE = mask_TE * (position_TE < capacity)
+        gate_T = (probs_TE * mask_TE).sum(-1)
+        slot_TC = F.one_hot((position_TE * mask_TE).sum(-1).clamp(min=0), capacity)
+        dispatch_TEC = mask_TE.unsqueeze(-1).to(x_TD.dtype) * slot_TC.unsqueeze(1).to(x_TD.dtype)
+        combine_TEC = gate_T[:, None, None] * dispatch_TEC
+        x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+        h_ECF = F.relu(torch.einsum("ecd,edf->ecf", x_ECD, self.wi_EDF))
+        y_ECD = torch.einsum("ecf,efd->ecd", h_ECF, self.wo_EFD)
+        return torch.einsum("tec,ecd->td", combine_TEC, y_ECD)
+
+
+class BrokenRouterMoE(LoopMoE):
+    """A graph break between the router and the experts: the router's graph has no experts in it."""
+
+    def forward(self, hidden_BSD):
+        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        _, weights_TK, experts_TK = self.router(x_TD)
+        torch._dynamo.graph_break()
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            t_idx, k_idx = torch.where(experts_TK == e)
+            out_TD.index_add_(0, t_idx, self.experts[e](x_TD[t_idx]) * weights_TK[t_idx, k_idx, None])
+        return out_TD.view_as(hidden_BSD)
