@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_native
-from .kernels_cpu import group_weight, weight_io
+from .kernels_cpu import check_offsets, group_weight, weight_io
 
 aten = torch.ops.aten
 TILE_BYTES = 16 << 20  # one [tile, ffn] workspace: 4096 rows at ffn=1024 fp32, 292 at ffn=14336
@@ -90,10 +90,9 @@ def tile_rows(ffn: int, dtype: torch.dtype) -> int:
     return max(64, TILE_BYTES // max(1, ffn * 4))
 
 
-def _tiles(offsets: list[int], tile: int, rows: int) -> list[tuple[int, int, int]]:
+def _tiles(offsets: list[int], tile: int, rows: int, groups: int) -> list[tuple[int, int, int]]:
     """(group, start, end) of each tile: rows of one group, at most ``tile`` of them, split evenly."""
-    if offsets and (offsets[-1] > rows or any(b < a for a, b in zip([0, *offsets], offsets))):
-        raise ValueError(f"expert_ffn: offsets {offsets} are not ascending end offsets into {rows} rows")
+    check_offsets(offsets, rows, groups, "moecc::expert_ffn")
     tiles, start = [], 0
     for g, end in enumerate(offsets):
         pieces = -(-(end - start) // tile)
@@ -156,19 +155,33 @@ def check_shapes(x_TD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tens
                              f"{x_TD.shape[1]} -> {expected}")
 
 
+def check_rows(index_N: Tensor, weight_N: Tensor, saved: Tensor | None = None, width: int = 0) -> None:
+    """Raise ValueError unless the row tensors agree: one weight (and one saved pre-activation row) per index.
+
+    The native kernels take raw pointers to slices of these: a shorter tensor would be read past its end.
+    """
+    if index_N.dim() != 1 or weight_N.shape != index_N.shape:
+        raise ValueError(f"moecc::expert_ffn: row weights {tuple(weight_N.shape)} do not match the row index "
+                         f"{tuple(index_N.shape)}")
+    if saved is not None and tuple(saved.shape) != (index_N.shape[0], width):
+        raise ValueError(f"moecc::expert_ffn_backward: saved pre-activations {tuple(saved.shape)}, expected "
+                         f"{(index_N.shape[0], width)}")
+
+
 def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tensor, w1: list[Tensor],
                w3: list[Tensor], w2: list[Tensor], flags: list[int], activation: str,
                save: bool) -> tuple[Tensor, Tensor]:
     """``out[index[n]] += weight[n] * ffn(x[index[n]])``, and with ``save`` the pre-activations ([0, .] if not)."""
     check_shapes(x_TD, w1, w3, w2, flags)
+    check_rows(index_N, weight_N)
     t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
-    _, ffn, d_out = weight_io(w2, t2)
+    groups, ffn, d_out = weight_io(w2, t2)
     rows = index_N.shape[0]
     out = x_TD.new_zeros((x_TD.shape[0], d_out))
     width = ffn * (2 if glu else 1)
     saved = pooled_empty(rows, width, x_TD) if save else x_TD.new_empty((0, width))
     offsets = offsets_S.tolist()
-    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), rows)
+    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), rows, groups)
     tile = max((e - s for _, s, e in tiles), default=0)
     native = _native(activation, x_TD)
     # Gather and combine once for all computed rows: per tile they cost more in calls than in bytes.
@@ -205,13 +218,15 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
                         saved: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Gradients of :func:`expert_ffn` for x, the row weights, and w1, w3, w2 (in the weights' form)."""
     t1, t3, t2, glu = (bool(flags[0]), bool(flags[1]), bool(flags[2]), int(flags[3]))
-    _, ffn, _ = weight_io(w2, t2)
-    width = saved.shape[1]
+    groups, ffn, _ = weight_io(w2, t2)
+    width = ffn * (2 if glu else 1)
+    check_shapes(x_TD, w1, w3, w2, flags)
+    check_rows(index_N, weight_N, saved, width)
     dx = torch.zeros_like(x_TD)
     dweight = torch.zeros_like(weight_N)
     dw1, dw3, dw2 = _grad_like(w1), _grad_like(w3), _grad_like(w2)
     offsets = offsets_S.tolist()
-    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), index_N.shape[0])
+    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), index_N.shape[0], groups)
     tile = max((e - s for _, s, e in tiles), default=0)
     native = _native(activation, x_TD)
     used = offsets[-1] if offsets else 0

@@ -30,7 +30,35 @@ def weight_io(weights: list[Tensor], transpose_w: bool) -> tuple[int, int, int]:
     return (groups, b, a) if transpose_w else (groups, a, b)
 
 
+def check_slots(slot_N: Tensor, num_slots: int) -> None:
+    """Raise ValueError unless every slot id lies in ``[0, num_slots)``.
+
+    Slot ids come from the user's router (top-k ids through the placement): an id out of range would make the
+    counts longer than ``num_slots`` (offsets that disagree with the op's fake shape) or fail inside ``bincount``
+    with a message that names neither moecc nor the routing, so it is refused here by name.
+    """
+    if slot_N.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(slot_N))
+    if low < 0 or high >= num_slots:
+        raise ValueError(f"moecc::sort_by_slot: slot ids must lie in [0, {num_slots}), got ids from {low} to {high}; "
+                         "the router produced expert ids outside the block's experts")
+
+
+def check_offsets(offsets: list[int], rows: int, groups: int, op: str) -> None:
+    """Raise ValueError unless ``offsets`` are ``groups`` ascending end offsets within ``rows`` rows.
+
+    The kernels slice rows by these offsets: a descending or too large offset would silently compute rows of one
+    group with another group's weight, or skip rows, instead of failing.
+    """
+    if len(offsets) != groups:
+        raise ValueError(f"{op}: {len(offsets)} offsets for {groups} weight groups")
+    if any(b < a for a, b in zip([0, *offsets], offsets)) or (offsets and offsets[-1] > rows):
+        raise ValueError(f"{op}: offsets {offsets} are not ascending end offsets into {rows} rows")
+
+
 def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    check_slots(slot_N, num_slots)
     order_N = torch.argsort(slot_N, stable=True)
     inverse_N = torch.empty_like(order_N)
     inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
@@ -42,8 +70,10 @@ def grouped_mm(x_NI: Tensor, weights: list[Tensor], offsets_S: Tensor, transpose
     w0 = group_weight(weights, 0)
     width_out = w0.shape[0] if transpose_w else w0.shape[1]
     y_NO = x_NI.new_empty((x_NI.shape[0], width_out))
+    offsets = offsets_S.tolist()
+    check_offsets(offsets, x_NI.shape[0], weight_io(weights, transpose_w)[0], "moecc::grouped_mm")
     start = 0
-    for g, end in enumerate(offsets_S.tolist()):
+    for g, end in enumerate(offsets):
         if end > start:
             w = group_weight(weights, g)
             torch.mm(x_NI[start:end], w.t() if transpose_w else w, out=y_NO[start:end])
@@ -58,8 +88,10 @@ def grouped_mm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_S: Tensor, transpose_w
     width_in, width_out = x_NI.shape[1], dy_NO.shape[1]
     shape = (groups, width_out, width_in) if transpose_w else (groups, width_in, width_out)
     dw = x_NI.new_empty(shape)
+    offsets = offsets_S.tolist()
+    check_offsets(offsets, min(x_NI.shape[0], dy_NO.shape[0]), groups, "moecc::grouped_mm_wgrad")
     start = 0
-    for g, end in enumerate(offsets_S.tolist()):
+    for g, end in enumerate(offsets):
         if end > start:
             if transpose_w:
                 torch.mm(dy_NO[start:end].t(), x_NI[start:end], out=dw[g])
