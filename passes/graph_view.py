@@ -7,14 +7,14 @@ lists the original region and marks the nodes the reason names (where matching s
 
 How nodes are told apart, without a node map from the pass:
 
-* an original node survives when the returned graph has a node of its name carrying its recorded value (a copy
-  keeps names and meta; a node the rewrite inserted has no Dynamo meta);
+* an original node survives when the returned graph has a node of its name sharing its recorded value and module
+  stack (a graph copy keeps names and shares the meta's objects; a node the rewrite made shares neither);
 * a block's inserted nodes are one contiguous run (``rewrite_block`` emits them before one node), starting at the
   ``get_attr`` of one of the block's buffers;
 * stages of the original region come from data flow around the block's top-k, its expert ids, its experts'
   template and module paths; stages of the inserted run from where the expert ops sit in it.
 
-Inserted nodes carry no recorded value, so their shapes are propagated under a fresh fake mode of their own
+Inserted nodes mostly carry no recorded value, so their shapes are propagated under a fresh fake mode of their own
 (concrete sizes, deterministic names for data-dependent ones: ``u0``, ``u1``, ...).
 """
 from __future__ import annotations
@@ -117,15 +117,16 @@ def _stages(original: fx.GraphModule, block: Block, rewritten: fx.GraphModule | 
         return tuple(StageView(name, tuple(_node_view(n, KEPT, n in stopped) for n in _in(stage_of, name)), ())
                      for name in STAGES)
     survivors = _survivors(original, rewritten)
-    added = inserted_run(rewritten, buffers)
+    added = inserted_run(rewritten, buffers, {id(n) for n in survivors.values()})
     added_stage = _run_stages(added)
     values = _propagate(rewritten, added)
+    kept = {survivors[n.name]: stage for n, stage in stage_of.items() if n.name in survivors}  # copy -> its stage
     # Removed nodes detection could not place belong to the old dispatch loop's bookkeeping and combine.
     return tuple(StageView(
         name,
         before=tuple(_node_view(n, KEPT if n.name in survivors else REMOVED) for n in _in(stage_of, name)),
-        after=tuple([_node_view(survivors[n.name], KEPT) for n in _in(stage_of, name) if n.name in survivors]
-                    + [_node_view(n, ADDED, value=values.get(n)) for n in added if added_stage[n] == name]),
+        after=tuple(_node_view(n, KEPT if n in kept else ADDED, value=values.get(n)) for n in rewritten.graph.nodes
+                    if (n in kept and kept[n] == name) or added_stage.get(n) == name),
     ) for name in STAGES)
 
 
@@ -199,10 +200,13 @@ def _router_nodes(block: Block, own: set[fx.Node], experts: set[fx.Node]) -> set
     found = ((ancestors([topk]) | {topk}) - tokens) & own
     found |= {u for u in topk.users if is_call(u, operator.getitem)}
     found |= {block.indices} if block.indices is not None else set()
-    # Routing weights: float [tokens, k] values made from the top-k, not from the experts (renormalised, cast).
+    # Routing weights: float [tokens, k] values made from the top-k values (renormalised, cast), or gathered from
+    # the scores at the ids (DeepSeek-V3); not what the experts or the dispatch make (weights permuted by a sort).
+    after_ids = descendants([block.indices]) if block.indices is not None else set()
     after_experts = descendants(experts) | experts
     ids = fake(block.indices)
-    weights = {n for n in descendants([topk]) & own if n not in after_experts and _routing_weight(n, ids)}
+    weights = {n for n in descendants([topk]) & own if n not in after_experts and _routing_weight(n, ids)
+               and (n not in after_ids or (is_call(n, torch.gather, "gather") and block.indices in n.args))}
     found |= weights | (ancestors(weights) & descendants([topk]) & own)
     return {n for n in found if _computes(n)}
 
@@ -261,30 +265,32 @@ def _recorded(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _is_inserted(node: fx.Node) -> bool:
-    """A node the rewrite made: Dynamo records a value (and a stack) for each node it traced; the pass none."""
-    return node.op != "output" and not any(k in node.meta for k in ("example_value", "val", "nn_module_stack"))
+def _same_node(copy: fx.Node, node: fx.Node) -> bool:
+    """``copy`` is a copy of ``node`` (graph copies keep the name and share the meta's objects), not a node the
+    rewrite made that happens to reuse an erased node's name."""
+    stack = node.meta.get("nn_module_stack")
+    return copy.name == node.name and _recorded(copy) is _recorded(node) \
+        and copy.meta.get("nn_module_stack") is stack and (_recorded(node) is not None or stack is not None)
 
 
 def _survivors(original: fx.GraphModule, rewritten: fx.GraphModule) -> dict[str, fx.Node]:
     """Original node name -> its copy in ``rewritten``, for the original nodes still there."""
     there = {n.name: n for n in rewritten.graph.nodes}
-    return {n.name: there[n.name] for n in original.graph.nodes
-            if n.name in there and not _is_inserted(there[n.name]) and _recorded(there[n.name]) is _recorded(n)}
+    return {n.name: there[n.name] for n in original.graph.nodes if n.name in there and _same_node(there[n.name], n)}
 
 
-def inserted_run(rewritten: fx.GraphModule, buffers: dict[str, torch.Tensor]) -> list[fx.Node]:
-    """The nodes the rewrite inserted for the block whose buffers are ``buffers``, in graph order: the run of
-    inserted nodes that starts at the first ``get_attr`` of one of them."""
+def inserted_run(rewritten: fx.GraphModule, buffers: dict[str, torch.Tensor], originals: set[int]) -> list[fx.Node]:
+    """The nodes the rewrite inserted for the block whose buffers are ``buffers``, in graph order: the run of nodes
+    that are no copy of an original node (``originals``: their ids) from the first ``get_attr`` of a buffer."""
     mine = {id(t) for t in buffers.values()}
     nodes = list(rewritten.graph.nodes)
-    start = next((i for i, n in enumerate(nodes) if n.op == "get_attr" and _is_inserted(n)
+    start = next((i for i, n in enumerate(nodes) if n.op == "get_attr" and id(n) not in originals
                   and id(_attr(rewritten, n.target)) in mine), None)
     if start is None:
         return []
     run = []
     for n in nodes[start:]:
-        if not _is_inserted(n):
+        if id(n) in originals or n.op in ("placeholder", "output"):
             break
         run.append(n)
     return run
@@ -333,8 +339,8 @@ def _propagate(gm: fx.GraphModule, run: list[fx.Node]) -> dict[fx.Node, str]:
                 continue
             try:
                 env[n] = _evaluate(gm, n, args, kwargs)
-            except Exception:  # a value we cannot fake only loses its shape in the report
-                env[n] = unknown
+            except Exception:  # a value we cannot fake: the one the rewrite recorded, if any, else no shape
+                env[n] = _fresh(mode, _recorded(n), unknown)
             out[n] = "" if env[n] is unknown else describe_value(env[n])
     return out
 
