@@ -63,6 +63,23 @@ MANY_EXPERTS = {  # E = 8, compiled on 2 tokens
 }
 
 
+def hf_family_block(family: str, impl: str = "grouped_mm") -> torch.nn.Module:
+    """The first MoE block of a tiny ``family`` model (tests/hf_zoo.py), initialised by its model."""
+    import hf_zoo
+
+    model, _ = hf_zoo.build(family, impl)
+    return hf_zoo.moe_blocks(model)[0][1].train(True)
+
+
+# Routers beyond softmax-then-top-k: DeepSeek-V3 (sigmoid, correction bias for selection only, group-limited,
+# scaled, shared experts), GPT-OSS (top-k over biased logits, softmax after), Qwen2-MoE (gated shared expert).
+HF_FAMILIES = {
+    "deepseek_v3": (lambda: hf_family_block("deepseek_v3"), (2, 3, DIM), 2),
+    "gpt_oss": (lambda: hf_family_block("gpt_oss"), (2, 3, DIM), 2),
+    "qwen2_moe-eager": (lambda: hf_family_block("qwen2_moe", "eager"), (2, 3, DIM), 2),
+}
+
+
 @dataclass
 class Case:
     model: torch.nn.Module
@@ -72,8 +89,9 @@ class Case:
 
     @property
     def router_weight(self) -> torch.Tensor:
-        gate = self.model.router.gate if hasattr(self.model, "router") else self.model.gate
-        return gate.weight
+        router = getattr(self.model, "router", None) or self.model.gate
+        weight = getattr(router, "weight", None)  # a Linear or HF router; the zoo's Router holds a .gate Linear
+        return weight if isinstance(weight, torch.Tensor) else router.gate.weight
 
     def x(self, shape=None, positive: bool = False) -> torch.Tensor:
         x = torch.randn(shape or self.shape)
@@ -115,6 +133,11 @@ def form(request) -> Case:
     return _build(FORMS, request.param)
 
 
+@pytest.fixture(scope="module", params=sorted(HF_FAMILIES))
+def hf_family(request) -> Case:
+    return _build(HF_FAMILIES, request.param)
+
+
 @pytest.fixture(scope="module", params=sorted(TOP_E))
 def top_e(request) -> Case:
     return _build(TOP_E, request.param)
@@ -142,9 +165,10 @@ def forward_backward(fn, model, x):
     return [o.detach() for o in outs], [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
 
 
-def assert_matches_eager(case: Case, x: torch.Tensor):
-    """Compiled outputs and gradients equal eager's, NaN for NaN; returns eager's (outputs, gradients)."""
-    ref, ref_grads = forward_backward(case.model, case.model, x)
+def assert_matches_eager(case: Case, x: torch.Tensor, reference=None):
+    """Compiled outputs and gradients equal eager's (or ``reference``'s), NaN for NaN; returns the reference's
+    (outputs, gradients)."""
+    ref, ref_grads = forward_backward(reference or case.model, case.model, x)
     out, grads = forward_backward(case.compiled, case.model, x)
     assert len(out) == len(ref)
     for o, r in zip(out, ref):
@@ -227,6 +251,46 @@ def test_zero_token_graph_is_not_reported_as_an_internal_error():
     assert records and not any("internal error" in r.outcome for r in records), [r.outcome for r in records]
 
 
+# --- HF routers with selection biases, groups and routers after top-k ---------------------------------------
+
+def test_hf_router_nan_weight_gives_eager_nan_pattern(hf_family):
+    def poison(w):
+        w[1, 0] = NAN
+
+    with hf_family.router_set(poison), hf_family.same_graph():
+        ref, _ = assert_matches_eager(hf_family, hf_family.x())
+    assert ref[0].isnan().any()
+
+
+def test_hf_router_inf_weight_gives_eager_answer(hf_family):
+    def poison(w):
+        w[2, 3] = INF
+
+    with hf_family.router_set(poison), hf_family.same_graph():
+        assert_matches_eager(hf_family, hf_family.x())
+
+
+def test_hf_zero_tokens_after_compiling_on_a_full_batch(hf_family):
+    ref, _ = assert_matches_eager(hf_family, hf_family.x((2, 0, DIM)))
+    assert ref[0].shape == (2, 0, DIM)
+
+
+def test_nan_selection_bias_picks_the_experts_eager_picks(hf_family):
+    """DeepSeek-V3 selects experts on ``sigmoid + correction bias`` but weights them by the unbiased scores: a NaN
+    bias makes top-k choose among NaN and the output stays finite, so the compiled top-k must choose as eager's."""
+    bias = getattr(getattr(hf_family.model, "gate", None), "e_score_correction_bias", None)
+    if bias is None:
+        pytest.skip("no selection bias in this router")
+    saved = bias.clone()
+    bias[1] = NAN
+    try:
+        with hf_family.same_graph():
+            ref, _ = assert_matches_eager(hf_family, hf_family.x())
+    finally:
+        bias.copy_(saved)
+    assert torch.isfinite(ref[0]).all()
+
+
 # --- k = E and more experts than tokens ---------------------------------------------------------------------
 
 def test_top_e_matches_eager(top_e):
@@ -268,13 +332,18 @@ def test_more_experts_than_tokens_with_every_token_on_one_expert(many_experts):
 POISONED = {"loop": lambda: zoo.LoopMoE(), "dense-masked": lambda: zoo.DenseMaskedMoE()}
 
 
+def add_poison(model: torch.nn.Module, tokens: int = 6) -> None:
+    """Add ``gate.poison`` ([tokens, E], zeros) to the router's logits through a forward hook on its Linear."""
+    gate = model.router.gate if hasattr(model, "router") else model.gate
+    gate.register_buffer("poison", torch.zeros(tokens, gate.out_features))
+    gate.register_forward_hook(lambda module, args, out: out + module.poison)
+
+
 @pytest.fixture(scope="module", params=sorted(POISONED))
 def poisoned(request) -> Case:
     """A block whose router logits get ``gate.poison`` added: zeros while compiling, NaN/inf in the tests."""
     model = POISONED[request.param]()
-    gate = model.router.gate if hasattr(model, "router") else model.gate
-    gate.register_buffer("poison", torch.zeros(6, 4))
-    gate.register_forward_hook(lambda module, args, out: out + module.poison)
+    add_poison(model)
     compiled, records = compile_and_records(model, torch.randn(1, 6, DIM, requires_grad=True))
     assert [r.outcome for r in records] == ["rewritten"], [r.outcome for r in records]
     case = Case(model, compiled, (1, 6, DIM), 2)
@@ -284,10 +353,9 @@ def poisoned(request) -> Case:
 
 @contextlib.contextmanager
 def poison(case: Case, token, expert, value):
-    poison_TE = case.router_weight.new_zeros(6, 4)
-    poison_TE[token, expert] = value
+    """``value`` added to the logit of ``token`` for ``expert`` (a slice: all) for the duration."""
     gate = case.model.router.gate if hasattr(case.model, "router") else case.model.gate
-    gate.poison.copy_(poison_TE)
+    gate.poison[token, expert] = value
     try:
         with case.same_graph():
             yield
@@ -307,6 +375,53 @@ def test_inf_logit_of_one_token(poisoned, value):
     with poison(poisoned, 2, 0, value):
         ref, _ = assert_matches_eager(poisoned, poisoned.x())
     assert torch.isfinite(ref[0].reshape(6, DIM)[[0, 1, 3, 4, 5]]).all()  # other tokens untouched
+
+
+# --- capacity dropping (GShard) with every token on one expert, and a dropped token whose logits are NaN ---------
+
+CAPACITY = {"fused-top1": lambda: zoo.LoopMoE(top_k=1),
+            "grouped-top1": lambda: zoo.LoopMoE(expert_cls=zoo.GeluExpert, top_k=1)}
+
+
+@pytest.fixture(scope="module")
+def capacity_case(request) -> Case:
+    """A poisoned top-1 block compiled with ``moecc.capacity_factor`` 1.0: 2 rows per expert for 6 tokens."""
+    model = CAPACITY[request.param]()
+    add_poison(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moecc", options={"moecc.capacity_factor": 1.0})
+    case = Case(model, compiled, (1, 6, DIM), model.router.top_k)
+    forward_backward(compiled, model, case.x())
+    assert [r.outcome for r in moecc.session(model).blocks] == ["rewritten"]
+    return case
+
+
+def gshard(case: Case):
+    """The eager reference under capacity 1.0, with the logits as second output (as the block returns them)."""
+    return lambda x: (zoo.gshard_reference(case.model, x, 1.0), case.model(x)[1])
+
+
+def _one_expert(w):
+    w.zero_()
+    w[2] = 1.0  # positive inputs: every token's choice is expert 2, which takes 2 of the 6
+
+
+@pytest.mark.parametrize("capacity_case", sorted(CAPACITY), indirect=True)
+def test_capacity_with_every_token_on_one_expert_matches_gshard(capacity_case):
+    with capacity_case.router_set(_one_expert), capacity_case.same_graph():
+        ref, _ = assert_matches_eager(capacity_case, capacity_case.x(positive=True), gshard(capacity_case))
+    assert not ref[0].reshape(6, DIM)[2:].any()  # tokens 2-5 were dropped
+
+
+@pytest.mark.parametrize("capacity_case", ["fused-top1", pytest.param("grouped-top1", marks=pytest.mark.xfail(
+    strict=True, reason="passes/rewrite_slots.emit_slot_moe masks dropped rows' weights by multiplying (w * keep): "
+    "a NaN weight stays NaN and the grouped path's combine adds 0 * NaN to the token; the fused op skips the row"))],
+    indirect=True)
+def test_capacity_dropped_token_with_nan_logits_contributes_zero(capacity_case):
+    with capacity_case.router_set(_one_expert), poison(capacity_case, 5, slice(None), NAN):
+        # token 5's NaN logits pick expert 2 (top-k over NaN), already full: its row is dropped, its output zero
+        ref, _ = assert_matches_eager(capacity_case, capacity_case.x(positive=True), gshard(capacity_case))
+    assert not ref[0].reshape(6, DIM)[5].isnan().any()
 
 
 # --- compiled while the router already holds NaN -------------------------------------------------------------
