@@ -251,7 +251,7 @@ def block_section(b) -> Group:
 def stage_table(view) -> Table:
     """Stage by stage, the block's original nodes beside the rewritten ones (kept dim, removed red, added
     green); a fallback shows the original region only, the nodes its reason names marked."""
-    table = Table(show_lines=True, expand=False)
+    table = Table(show_lines=True)
     table.add_column("stage", no_wrap=True)
     table.add_column(f"original ({view.nodes_before} nodes)")
     if view.rewritten:
@@ -271,8 +271,11 @@ def node_list(nodes) -> Table:
     """One line per node: name, what it calls (``.reshape`` a method, ``topk`` a function, ``buffer`` a
     ``get_attr``, ``name()`` a submodule), what it produces."""
     grid = Table.grid(padding=(0, 1))
-    for col in ("name", "target", "value"):
-        grid.add_column(col, overflow="fold")
+    # Names and targets are what a reader looks up: when the cell is narrow, the value wraps first.
+    names = [len(n.name) + (len(" <- stopped here") if n.stopped else 0) for n in nodes]
+    grid.add_column("name", overflow="fold", min_width=min(max(names, default=0), 32))
+    grid.add_column("target", overflow="fold", min_width=min(max((len(_call(n)) for n in nodes), default=0), 24))
+    grid.add_column("value", overflow="fold")
     for n in nodes:
         style = "bold red reverse" if n.stopped else _STATUS_STYLE.get(n.status, "")
         name = f"{n.name} <- stopped here" if n.stopped else n.name

@@ -20,6 +20,15 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo_cache_after():
+    """Leave no compiled graph behind: a later test compiling the same model class must trace it again."""
+    yield
+    import torch
+
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def script(tmp_path_factory):
     path = tmp_path_factory.mktemp("report_cli") / "two_layers.py"

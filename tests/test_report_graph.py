@@ -68,6 +68,15 @@ def _targets(nodes, status=None) -> list[str]:
     return [n.target for n in nodes if status is None or n.status == status]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo_cache_after():
+    """Leave no compiled graph behind: a later test compiling the same model class must trace it again."""
+    yield
+    import torch
+
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """Two fused blocks (the demo's shape of model): the model and its report rows."""
