@@ -130,7 +130,10 @@ def _build(table, name) -> Case:
 
 @pytest.fixture(scope="module", params=sorted(FORMS))
 def form(request) -> Case:
-    return _build(FORMS, request.param)
+    case = _build(FORMS, request.param)
+    with torch.no_grad():
+        case.compiled(case.x())  # the inference graph (grad mode is guarded: a second compile)
+    return case
 
 
 @pytest.fixture(scope="module", params=sorted(HF_FAMILIES))
@@ -193,6 +196,18 @@ def test_nan_router_weight_gives_eager_nan_pattern(form):
     assert ref[0].isnan().any()
 
 
+def test_nan_router_weight_in_inference_gives_eager_nan_pattern(form):
+    def poison(w):
+        w[1, 0] = NAN
+
+    x = form.x()
+    with form.router_set(poison), form.same_graph(), torch.no_grad():
+        ref, out = _tensors(form.model(x)), _tensors(form.compiled(x))
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-4, equal_nan=True)
+    assert ref[0].isnan().any()
+
+
 def test_inf_router_weight_gives_eager_answer(form):
     def poison(w):
         w[1, 0] = INF  # +inf or -inf logits depending on the sign of x[:, 0]
@@ -234,9 +249,8 @@ def test_zero_tokens_after_compiling_on_a_full_batch(form):
     assert ref[0].shape == shape
 
 
+@pytest.mark.parametrize("form", sorted(n for n, (_, shape, _) in FORMS.items() if len(shape) == 3), indirect=True)
 def test_zero_sequences_after_compiling_on_a_full_batch(form):
-    if len(form.shape) != 3:
-        pytest.skip("a [T, D] block has one token axis: the zero-token test covers it")
     shape = (0, *form.shape[1:])
     ref, _ = assert_matches_eager(form, form.x(shape))
     assert ref[0].shape == shape
@@ -275,12 +289,11 @@ def test_hf_zero_tokens_after_compiling_on_a_full_batch(hf_family):
     assert ref[0].shape == (2, 0, DIM)
 
 
+@pytest.mark.parametrize("hf_family", ["deepseek_v3"], indirect=True)
 def test_nan_selection_bias_picks_the_experts_eager_picks(hf_family):
     """DeepSeek-V3 selects experts on ``sigmoid + correction bias`` but weights them by the unbiased scores: a NaN
     bias makes top-k choose among NaN and the output stays finite, so the compiled top-k must choose as eager's."""
-    bias = getattr(getattr(hf_family.model, "gate", None), "e_score_correction_bias", None)
-    if bias is None:
-        pytest.skip("no selection bias in this router")
+    bias = hf_family.model.gate.e_score_correction_bias
     saved = bias.clone()
     bias[1] = NAN
     try:
@@ -289,6 +302,34 @@ def test_nan_selection_bias_picks_the_experts_eager_picks(hf_family):
     finally:
         bias.copy_(saved)
     assert torch.isfinite(ref[0]).all()
+
+
+# --- dynamic shapes ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dynamic() -> Case:
+    """LoopMoE compiled with ``dynamic=True``: one graph for every token count from 2 up."""
+    model = zoo.LoopMoE()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moecc", dynamic=True)
+    case = Case(model, compiled, (1, 6, DIM), 2)
+    forward_backward(compiled, model, case.x())
+    assert [r.outcome for r in moecc.session(model).blocks] == ["rewritten"]
+    return case
+
+
+def test_dynamic_graph_with_nan_router_weight_gives_eager_nan_pattern(dynamic):
+    def poison(w):
+        w[1, 0] = NAN
+
+    with dynamic.router_set(poison), dynamic.same_graph():
+        ref, _ = assert_matches_eager(dynamic, dynamic.x((1, 9, DIM)))  # another token count, same graph
+    assert ref[0].isnan().any()
+
+
+def test_dynamic_graph_then_zero_tokens(dynamic):
+    ref, _ = assert_matches_eager(dynamic, dynamic.x((1, 0, DIM)))  # sizes 0 and 1 are specialised: recompiles
+    assert ref[0].shape == (1, 0, DIM)
 
 
 # --- k = E and more experts than tokens ---------------------------------------------------------------------
