@@ -54,11 +54,13 @@ FORMS = {
 TOP_E = {  # k = E = 4
     "loop": (lambda: zoo.LoopMoE(top_k=4), (1, 6, DIM), 4),
     "sorted": (lambda: zoo.SortedMoE(top_k=4), (6, DIM), 4),
+    "dense-masked": (lambda: zoo.DenseMaskedMoE(top_k=4), (1, 6, DIM), 4),
     "hf-grouped_mm": (lambda: hf_mixtral_block("grouped_mm", top_k=4), (2, 3, DIM), 4),
 }
 MANY_EXPERTS = {  # E = 8, compiled on 2 tokens
     "loop": (lambda: zoo.LoopMoE(num_experts=8), (1, 2, DIM), 2),
     "stacked": (lambda: zoo.StackedLoopMoE(num_experts=8), (2, DIM), 2),
+    "sorted-bincount": (lambda: zoo.SortedMoE(num_experts=8, counts="bincount"), (2, DIM), 2),
     "hf-grouped_mm": (lambda: hf_mixtral_block("grouped_mm", experts=8), (1, 2, DIM), 2),
 }
 
@@ -254,6 +256,15 @@ def test_zero_sequences_after_compiling_on_a_full_batch(form):
     shape = (0, *form.shape[1:])
     ref, _ = assert_matches_eager(form, form.x(shape))
     assert ref[0].shape == shape
+
+
+def test_compiled_first_on_zero_tokens_then_a_full_batch_is_rewritten():
+    model = zoo.LoopMoE()
+    compiled, _ = compile_and_records(model, torch.randn(1, 0, DIM))
+    assert compiled(torch.randn(1, 0, DIM))[0].shape == (1, 0, DIM)
+    case = Case(model, compiled, (1, 5, DIM), 2)
+    assert_matches_eager(case, case.x())  # a new token count: recompiled, and this graph is rewritten
+    assert moecc.session(model).blocks[-1].outcome == "rewritten"
 
 
 @pytest.mark.xfail(strict=True, reason="passes/rewrite_slots._matches takes e.abs().max() of an empty tensor: a "
