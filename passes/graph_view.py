@@ -239,20 +239,29 @@ def _with_named(gm: fx.GraphModule, stage_of: dict[fx.Node, str], named: set[fx.
     return {n: stage[n] for n in gm.graph.nodes if n in stage}
 
 
+_IDENTIFIER = r"[A-Za-z_]\w*"
+
+
 def _named_nodes(reason: str, candidates: list[fx.Node], block: Block) -> set[fx.Node]:
-    """The region's nodes a fallback reason names: node names or op names it quotes (in parentheses or
-    backticks, after "reads" or "used by"), or expert ``e`` of "expert e computes something different"."""
-    quoted = set()
-    for text in re.findall(r"\(([^)]*)\)", reason) + re.findall(r"`([^`]*)`", reason) \
-            + re.findall(r"(?:reads|used by) ([\w.]+)", reason):
-        quoted |= set(re.findall(r"[A-Za-z_][\w]*", text))
-    by_name = {n for n in candidates if n.name in quoted}
+    """The region's nodes a fallback reason names, the most precise way it names them: nodes by name (a list of
+    names in parentheses, "reads X", `X`), ops by name (`op`, "used by op", "(op: why)"), or expert ``e``
+    ("expert e computes ...", "expert e's ...": its module's nodes). Descriptions in parentheses ("(softmax,
+    top-2 of 4)") name nothing."""
+    quoted = set(re.findall(r"`(" + _IDENTIFIER + r")`", reason))
+    names = set(quoted) | set(re.findall(r"reads (" + _IDENTIFIER + ")", reason))
+    for group in re.findall(r"\(([^)]*)\)", reason):
+        items = [item.strip() for item in group.split(",")]
+        if all(re.fullmatch(_IDENTIFIER, item) for item in items):
+            names |= set(items)
+    by_name = {n for n in candidates if n.name in names}
     if by_name:
         return by_name
-    by_target = {n for n in candidates if target_name(n) in quoted}
+    ops = quoted | set(re.findall(r"used by (" + _IDENTIFIER + ")", reason)) \
+        | set(re.findall(r"\((" + _IDENTIFIER + "):", reason))
+    by_target = {n for n in candidates if target_name(n) in ops}
     if by_target:
         return by_target
-    expert = re.search(r"expert (\d+) computes", reason)
+    expert = re.search(r"expert (\d+)(?: computes|'s )", reason)
     if expert and block.spec.experts and block.spec.experts.weights == "modulelist":
         path = _join(block.spec.experts.path, expert.group(1))
         return {n for n in candidates if _inside(module_path(n), path)}

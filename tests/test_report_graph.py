@@ -60,6 +60,14 @@ class ThreeBlocks(nn.Module):
         return x_BSD
 
 
+class DropoutExpert(moe_zoo.SwiGLUExpert):
+    """Dropout on the hidden layer, on while training: the block draws random numbers, so moecc cannot check a
+    rewrite of it."""
+
+    def forward(self, x):
+        return self.w2(F.dropout(F.silu(self.w1(x)) * self.w3(x), p=0.5, training=self.training))
+
+
 def _views(blocks) -> dict:
     return {b.spec.path: b.view for b in blocks}
 
@@ -153,6 +161,22 @@ def test_fallback_marks_the_node_where_matching_stopped(mixed):
     stopped_lines = [line for line in text.splitlines() if "<- stopped here" in line]
     assert len(stopped_lines) == 2 and any("sigmoid" in line for line in stopped_lines)
     assert "why: " in text and "where matching stopped: " + ", ".join(view.stopped) in text
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    torch.manual_seed(0)
+    model = moe_zoo.LoopMoE(expert_cls=DropoutExpert).train()
+    _, blocks = compile_and_records(model, torch.randn(1, 4, 16))
+    return blocks
+
+
+def test_fallback_on_a_random_op_marks_that_op(noisy):
+    [view] = _views(noisy).values()
+    assert not view.rewritten and "random numbers (dropout" in view.reason
+    marked = [n for s in view.stages for n in s.before if n.stopped]
+    assert [n.target for n in marked] == ["dropout"] * 4  # one per expert, and nothing else
+    assert all(s.name == "experts" for s in view.stages for n in s.before if n.stopped)
 
 
 def test_fallback_without_a_named_node_shows_the_whole_region(mixed):
