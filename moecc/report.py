@@ -81,8 +81,10 @@ class Report:
 
     # --- the summary ---------------------------------------------------------------------------------------
 
-    def table(self) -> Table:
-        table = Table(title="moecc: MoE blocks")
+    def table(self, hint: bool = False) -> Table:
+        """The block table; ``hint``: with a caption saying where the graph views are."""
+        caption = "each block's nodes before and after: moecc.report(detail=\"graph\"), moecc report --graph"
+        table = Table(title="moecc: MoE blocks", caption=caption if hint and self.blocks else None)
         parallel = any(b.layout for b in self.blocks)
         columns = ["graph", "block", "form", "spec", "weights", "outcome", "nodes"]
         columns += ["experts per rank (slots)", "rows sent per rank"] if parallel else []
@@ -129,9 +131,9 @@ class Report:
                           _ms(t.measured_s), ratio, t.source)
         return table
 
-    def summary(self) -> Group:
+    def summary(self, hint: bool = False) -> Group:
         """The one-screen part: the block table, and the switch and timing tables when there is anything in them."""
-        parts = [self.table()]
+        parts = [self.table(hint)]
         if self.switches:
             parts.append(self.switch_table())
         if self.timings:
@@ -161,7 +163,7 @@ class Report:
     # --- output --------------------------------------------------------------------------------------------
 
     def __rich__(self):
-        return Group(self.summary(), self.graph_views()) if self.detail == "graph" else self.summary()
+        return Group(self.summary(), self.graph_views()) if self.detail == "graph" else self.summary(hint=True)
 
     def __str__(self) -> str:
         return render_text(self)
