@@ -109,6 +109,10 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
     body -= set(exprs)
     nodes = sorted(body, key=node_index.__getitem__)
     external = {a for n in nodes for a in _data_inputs(n) if a not in body and a not in exprs}
+    if len(external) > 1 and len(bases := {_prelude_base(a) for a in external}) == 1:
+        # The rows cast once per GEMM (torchtitan: ``x.bfloat16()`` for w1 and again for w3): one input.
+        nodes = sorted(set(nodes) | {c for a in external for c in _prelude_chain(a)}, key=node_index.__getitem__)
+        external = bases
     if len(external) != 1:
         names = ", ".join(sorted(a.name for a in external))
         raise TemplateError(f"an expert's computation reads {len(external)} values besides its weights ({names}); "
@@ -125,6 +129,20 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
     while len(nodes[-1].users) == 1 and _is_output_cast(tail := next(iter(nodes[-1].users)), nodes[-1]):
         nodes.append(tail)
     return nodes, rows, exprs
+
+
+def _prelude_chain(node: fx.Node) -> list[fx.Node]:
+    """The row-wise casts leading to ``node`` from its base, ``node`` included (empty if it is no cast)."""
+    chain = []
+    while node.op == "call_method" and node.target in _ROW_PRELUDE and len(node.all_input_nodes) == 1:
+        chain.append(node)
+        node = node.all_input_nodes[0]
+    return chain
+
+
+def _prelude_base(node: fx.Node) -> fx.Node:
+    chain = _prelude_chain(node)
+    return chain[-1].all_input_nodes[0] if chain else node
 
 
 def _is_output_cast(node: fx.Node, value: fx.Node) -> bool:

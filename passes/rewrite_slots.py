@@ -89,8 +89,16 @@ def _record(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict[fx.Node, t
     """The values of ``wanted`` nodes in one eager run of ``gm``."""
     rec = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
-        rec.run(*inputs)
+        rec.run(*_unmutated(gm, inputs))
     return {n: rec.env[n] for n in wanted if n in rec.env}
+
+
+def _unmutated(gm: fx.GraphModule, inputs) -> list:
+    """``inputs`` with a copy of each one the graph writes in place (torchtitan's ``tokens_per_expert_E.add_``),
+    so that the recording run leaves the model's buffers as they were."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {n for n in placeholders if any(is_inplace(u) and u.args and u.args[0] is n for u in n.users)}
+    return [t.clone() if n in written and isinstance(t, torch.Tensor) else t for n, t in zip(placeholders, inputs)]
 
 
 @dataclass(slots=True)

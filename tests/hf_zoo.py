@@ -251,3 +251,97 @@ def assert_whole_grouped_mm_model_equals_eager(family: Family) -> None:
     assert [r.spec.path for r in c.records] == list(family.paths) and all(r.rewritten for r in c.records)
     assert (c.graphs, c.breaks) == (1, 0)
     assert_pairs_close([("logits", c.out, c.ref), *c.grads()])
+
+
+# Every MoE family transformers ships (issue 13, item 5): built generically from its config class at tiny size.
+ALL_FAMILIES = tuple(sorted((
+    "afmoe aria axk1 axk2 bailing_hybrid beam cohere2_moe dbrx deepseek_ocr2 deepseek_v2 deepseek_v3 deepseek_v32 "
+    "deepseek_v4 diffusion_gemma dots1 dots3_note ernie4_5_moe ernie4_5_vl_moe exaone_moe flex_olmo flint gemma4 "
+    "glm4_moe glm4_moe_lite glm4v_moe glm5_next glm_moe_dsa gpt_oss granitemoe granitemoe_swa granitemoehybrid "
+    "granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 hy_v4_vl inkling inkling2 inkling2_loop jamba jetmoe kimi_linear "
+    "kolibri1 laguna lara_mini lfm2_moe llama4 longcat_flash mellum mimo_v2_flash minimax minimax_m2 minimax_m3_vl "
+    "mistral4 mistral_large4 mixtral muse_spark nemotron_h nllb_moe olmoe openai_privacy_filter phimoe qwen2_moe "
+    "qwen3_5_moe qwen3_moe qwen3_next qwen3_omni_moe qwen3_vl_moe qwen4_exp solar_open step3p7 "
+    "switch_transformers unlimited_ocr zaya").split()))
+
+# Tiny values for the config fields families share (a field a config does not have is left out).
+_TINY_FIELDS = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    expert_intermediate_size=32, ffn_hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=2, head_dim=8, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
+    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, n_shared_experts=1, n_group=2, topk_group=1,
+    first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    max_position_embeddings=128, router_jitter_noise=0.0, attention_dropout=0.0, hidden_dropout=0.0,
+    mlp_only_layers=[], decoder_sparse_step=1, moe_layer_freq=1, num_dense_layers=0,
+)
+
+
+def _config_key(family: str) -> tuple[str, bool]:
+    """(config key, has a causal-LM head): the text model of a multimodal family, else the family itself."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LM
+
+    for key in (f"{family}_text", family):
+        if key in CONFIG_MAPPING and key in LM:
+            return key, True
+    key = f"{family}_text" if f"{family}_text" in CONFIG_MAPPING else family
+    return key, False
+
+
+def tiny_config(family: str):
+    """The family's config at tiny size: the shared fields it has set small, the rest its defaults."""
+    from transformers import CONFIG_MAPPING
+
+    key, _ = _config_key(family)
+    cls = CONFIG_MAPPING[key]
+    defaults = cls()
+    fields = {k: v for k, v in _TINY_FIELDS.items() if hasattr(defaults, k)}
+    config = cls(**fields)
+    config._attn_implementation = "eager"
+    return config
+
+
+class Hidden(torch.nn.Module):
+    """A base model without an LM head: its last hidden state as the output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(tokens, use_cache=False).last_hidden_state
+
+
+def build_any(family: str, impl: str = "grouped_mm", seed: int = 0):
+    """(module from token ids to a tensor, a batch of token ids) for any family of ``ALL_FAMILIES``."""
+    import transformers as T
+
+    config = tiny_config(family)
+    if impl is not None and hasattr(config, "_experts_implementation"):
+        config._experts_implementation = impl
+    torch.manual_seed(seed)
+    _, causal = _config_key(family)
+    if causal:
+        model = Logits(T.AutoModelForCausalLM.from_config(config))
+    else:
+        model = Hidden(T.AutoModel.from_config(config))
+    model.train(False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return model, lambda: torch.randint(1, 64, (2, 6), generator=gen)
+
+
+def survey(family: str, impl: str = "grouped_mm") -> list[tuple[str, str]]:
+    """``moecc.explain`` of the family's tiny model: (block path, outcome) per row; one row with the error when the
+    model does not build or run."""
+    import moecc
+
+    try:
+        model, make_input = build_any(family, impl)
+    except Exception as exc:  # noqa: BLE001  (a config moecc's generic builder cannot fill)
+        return [("", f"not built: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")]
+    try:
+        found = moecc.explain(model, make_input(), quiet=True)
+    except Exception as exc:  # noqa: BLE001
+        return [("", f"not traced: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")]
+    rows = [(b.spec.path, f"{b.outcome} [{b.spec.form}; {b.spec.summary()}]") for b in found.blocks]
+    return rows or [("", f"no row ({found.graphs} graphs, breaks: {'; '.join(found.graph_breaks)[:200]})")]
