@@ -326,17 +326,20 @@ def _run_stages(run: list[fx.Node]) -> dict[fx.Node, str]:
 
 def _propagate(gm: fx.GraphModule, run: list[fx.Node]) -> dict[fx.Node, str]:
     """Shapes and dtypes of the inserted nodes, run under a fake mode of our own from the recorded values of the
-    nodes they read (so the compile's shape environment is never touched)."""
+    nodes they read (so the compile's shape environment is never touched). Dynamo's size symbols (``s0``) become
+    symbols of our own and print under Dynamo's names again, so both columns of the report speak of the same
+    sizes; sizes only the rewrite's ops know (rows received under expert parallelism) print as ``r0``, ``r1``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    sizes = _Sizes(mode.shape_env)
     env: dict[fx.Node, object] = {}
     unknown = object()
 
     def value(n: fx.Node):
         if n not in env:
-            env[n] = _fresh(mode, _recorded(n), unknown)
+            env[n] = _fresh(_recorded(n), sizes, unknown)
         return env[n]
 
     out = {}
@@ -349,9 +352,50 @@ def _propagate(gm: fx.GraphModule, run: list[fx.Node]) -> dict[fx.Node, str]:
             try:
                 env[n] = _evaluate(gm, n, args, kwargs)
             except Exception:  # a value we cannot fake: the one the rewrite recorded, if any, else no shape
-                env[n] = _fresh(mode, _recorded(n), unknown)
-            out[n] = "" if env[n] is unknown else describe_value(env[n])
+                env[n] = _fresh(_recorded(n), sizes, unknown)
+            out[n] = "" if env[n] is unknown else describe_value(env[n], sizes.name)
     return out
+
+
+class _Sizes:
+    """Dynamo's size symbols as symbols of our own shape environment, and the way back for printing."""
+
+    def __init__(self, shape_env):
+        self.shape_env = shape_env
+        self.ours: dict = {}  # Dynamo's symbol -> ours
+        self.theirs: dict = {}  # ours -> Dynamo's, and our unbacked symbols -> r0, r1, ...
+
+    def of(self, size):
+        """``size`` (an int or Dynamo's SymInt) in our environment, or None when it has no value to start from."""
+        if isinstance(size, int):
+            return size
+        if not isinstance(size, torch.SymInt) or size.node.hint is None:
+            return None
+        try:
+            return self.shape_env.create_symintnode(size.node.expr.xreplace(
+                {s: self._ours(s, size.node.shape_env) for s in size.node.expr.free_symbols}), hint=size.node.hint)
+        except Exception:  # a symbol we cannot recreate: its value at this compile
+            return size.node.hint
+
+    def _ours(self, symbol, their_env):
+        if symbol not in self.ours:
+            from torch._dynamo.source import ConstantSource
+            from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+            ours = self.shape_env.create_symbol(int(their_env.var_to_val[symbol]), ConstantSource(f"view_{symbol}"),
+                                                dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True)
+            self.ours[symbol], self.theirs[ours] = ours, symbol
+        return self.ours[symbol]
+
+    def name(self, size) -> str:
+        if not isinstance(size, torch.SymInt):
+            return str(size)
+        import sympy
+
+        for s in sorted(size.node.expr.free_symbols, key=str):
+            if s not in self.theirs:  # a size only our fake ops made (``new_dynamic_size``)
+                self.theirs[s] = sympy.Symbol(f"r{sum(1 for t in self.theirs.values() if str(t).startswith('r'))}")
+        return str(size.node.expr.xreplace(self.theirs))
 
 
 def _leaves(value) -> list:
@@ -362,25 +406,19 @@ def _leaves(value) -> list:
     return [value]
 
 
-def _fresh(mode, recorded, unknown):
-    """A tensor of ``mode`` shaped like a recorded value (sizes at their hints); ints and None as they are."""
+def _fresh(recorded, sizes: _Sizes, unknown):
+    """A tensor of the current fake mode shaped like a recorded value; ints and None as they are."""
     if isinstance(recorded, torch.Tensor):
-        sizes = [_hint(d) for d in recorded.shape]
-        if any(s is None for s in sizes):
+        shape = [sizes.of(d) for d in recorded.shape]
+        if any(d is None for d in shape):
             return unknown
-        return torch.empty(sizes, dtype=recorded.dtype, device=recorded.device)
+        return torch.empty(shape, dtype=recorded.dtype, device=recorded.device)
     if isinstance(recorded, (tuple, list)):
-        items = [_fresh(mode, r, unknown) for r in recorded]
+        items = [_fresh(r, sizes, unknown) for r in recorded]
         return unknown if any(i is unknown for i in items) else type(recorded)(items)
     if isinstance(recorded, torch.SymInt):
-        return _hint(recorded) if _hint(recorded) is not None else unknown
+        return sizes.of(recorded) if sizes.of(recorded) is not None else unknown
     return recorded if isinstance(recorded, (int, float, bool)) or recorded is None else unknown
-
-
-def _hint(size):
-    if isinstance(size, int):
-        return size
-    return size.node.hint if isinstance(size, torch.SymInt) else None
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, args, kwargs):
@@ -418,13 +456,14 @@ def _target(node: fx.Node) -> str:
     return name
 
 
-def describe_value(value) -> str:
-    """``[8, 2] f32`` for a tensor, a tuple of those for several outputs, ``int`` for a size; "" for nothing."""
+def describe_value(value, size_name=str) -> str:
+    """``[8, 2] f32`` for a tensor, a tuple of those for several outputs, ``int`` for a size; "" for nothing.
+    ``size_name`` prints one size (an int, or a symbol such as ``s0``)."""
     if isinstance(value, torch.Tensor):
-        dims = ", ".join(str(d) for d in value.shape)
+        dims = ", ".join(size_name(d) for d in value.shape)
         return f"[{dims}] {_DTYPES.get(value.dtype, str(value.dtype).removeprefix('torch.'))}"
     if isinstance(value, (tuple, list)):
-        parts = [describe_value(v) for v in value]
+        parts = [describe_value(v, size_name) for v in value]
         return f"({', '.join(p or '-' for p in parts)})" if any(parts) else ""
     if isinstance(value, (int, torch.SymInt)):
         return "int"

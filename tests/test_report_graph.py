@@ -149,6 +149,25 @@ def test_lifted_block_shows_one_grouped_gemm_per_expert_weight(lifted):
     assert "moecc::permute_rows" in _targets(view.stage("combine").after)
 
 
+@pytest.fixture(scope="module")
+def dynamic():
+    torch.manual_seed(0)
+    model = moe_zoo.LoopMoE()
+    torch._dynamo.reset()
+    torch.compile(model, backend="moecc", dynamic=True)(torch.randn(1, 5, 16))
+    return moecc.session(model).blocks
+
+
+def test_dynamic_sizes_read_the_same_in_both_columns(dynamic):
+    [view] = _views(dynamic).values()
+    logits = view.stage("router").before[0]
+    tokens = re.fullmatch(r"\[(s\d+), 4\] f32", logits.value).group(1)  # [T, E], T symbolic
+    added = {n.value for s in view.stages for n in s.after if n.status == "added"}
+    # The rewrite's tokens and routed rows (T x top-2) are Dynamo's symbol, not the example's 5 and 10.
+    assert f"[{tokens}, 16] f32" in added and f"[2*{tokens}] i64" in added
+    assert not any(re.search(r"\b(5|10)\b", v) for v in added)
+
+
 def test_fallback_marks_the_node_where_matching_stopped(mixed):
     _, blocks = mixed
     view = _views(blocks)["scaled"]
