@@ -123,18 +123,20 @@ class ExpertParallelDispatch(LocalDispatch):
         place once the rewrite is checked), and rows are grouped by local slot instead of expert."""
         template, local = experts.block.template, self.config.local_experts
         env, new_refs = dict(experts.env), {}
-        for ref in {id(r): r for r in template.weights.values()}.values():
+        for ref in template.weights.values():  # keyed by the weights' nodes: the fused match holds copies of refs
+            if tuple(ref.nodes) in new_refs:
+                continue
             node = graph.call_function(ep_ops.slot_weights, ([env[n] for n in ref.nodes], local))
             node.meta["val"] = _slot_meta(ref.nodes, len(local))
             node.meta[SLOT_WEIGHTS] = (id(self), len(new_refs))
             env[node] = node
-            new_refs[id(ref)] = dataclasses.replace(ref, nodes=[node])
-        weights = {expr: new_refs[id(ref)] for expr, ref in template.weights.items()}
+            new_refs[tuple(ref.nodes)] = dataclasses.replace(ref, nodes=[node])
+        weights = {expr: new_refs[tuple(ref.nodes)] for expr, ref in template.weights.items()}
         block = dataclasses.replace(experts.block, template=dataclasses.replace(template, weights=weights))
         ffn = experts.ffn
         if ffn is not None:
-            ffn = dataclasses.replace(ffn, **{part: new_refs[id(getattr(ffn, part))] for part in ("w1", "w3", "w2")
-                                              if getattr(ffn, part) is not None})
+            ffn = dataclasses.replace(ffn, **{part: new_refs[tuple(getattr(ffn, part).nodes)]
+                                              for part in ("w1", "w3", "w2") if getattr(ffn, part) is not None})
         return type(experts)(block, env, ffn)
 
     def agree(self, reason):
@@ -154,6 +156,19 @@ class ExpertParallelDispatch(LocalDispatch):
 
 
 Dispatch = LocalDispatch  # the interface; ExpertParallelDispatch is the other strategy
+
+_DEDICATED: dict = {}
+
+
+def _dedicated(group):
+    """A process group of the same ranks used by moecc alone: DDP all-reduces on the user's group asynchronously,
+    from autograd hooks, and two streams of collectives on one group could pair up in a different order on
+    different ranks."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _DEDICATED:
+        _DEDICATED[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _DEDICATED[ranks]
+
 
 SLOT_WEIGHTS = "moecc_slot_weights"  # node meta: (id of the strategy, weight kind) of an ``ep.slot_weights`` node
 
@@ -179,6 +194,7 @@ def choose_dispatch(*, expert_parallel: bool = True, group=None, placement=None,
     group = group or dist.group.WORLD
     if dist.get_world_size(group) == 1:
         return lambda path, num_experts: LocalDispatch(num_experts)
+    group, dp_group = _dedicated(group), _dedicated(dp_group) if dp_group is not None else None
 
     def for_block(path: str, num_experts: int) -> ExpertParallelDispatch:
         config = ep_ops.expert_parallel_config(group, num_experts, placement, slots_per_rank, dp_group)

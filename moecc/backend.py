@@ -39,10 +39,24 @@ def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         config = PassConfig(dispatch=dispatch, fused_ffn=options.fused_ffn, capacity_factor=options.capacity_factor)
         pass_inputs = owner.inputs_for_pass(example_inputs)
         gm, results = moe_pass(gm, pass_inputs, config, graph_name=f"{owner.name} graph {owner.graphs}")
-        owner.add_graph(results, options, gm, example_inputs)
-    compiled = compile_fx(gm, example_inputs, config_patches=options.inductor or None)
+        bindings = owner.add_graph(results, options, gm, example_inputs)
+        if bindings:
+            return _with_slot_inputs(gm, example_inputs, owner, bindings, options)
+    return compile_fx(gm, example_inputs, config_patches=options.inductor or None)
+
+
+def _with_slot_inputs(gm, example_inputs, owner, bindings, options):
+    """Compile ``gm`` with the slot tensors and buffers as trailing inputs, and give each call those of the layer
+    whose expert tensors it passes (``Session.extra_inputs``)."""
+    example = list(example_inputs)
+    compiled = compile_fx(gm, example + owner.extra_inputs(bindings, example),
+                          config_patches=options.inductor or None)
     owner.free_experts()
-    return compiled
+
+    def run(*args):
+        return compiled(*args, *owner.extra_inputs(bindings, args))
+
+    return run
 
 
 moecc_backend._moecc_capture = True

@@ -363,9 +363,38 @@ def _move_slots(layer: SlotLayer, old, new, optimizers) -> int:
     return sent
 
 
+def _as_placement(placement, layer: SlotLayer):
+    """A ``Placement``, from one or from a list per rank of the expert in each slot; bad input refused in words."""
+    from moecc.backends.ep import placement_from_lists
+    from moecc.costmodel.placement import Placement
+
+    if isinstance(placement, Placement):
+        return placement
+    layout = layer.placement.layout
+    if not isinstance(placement, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in placement):
+        raise ValueError("moecc.switch: give a costmodel Placement or a list per rank of the expert in each slot "
+                         f"(-1: empty), e.g. {layer.placement.experts_per_rank()}")
+    if len(placement) != layout.ranks or any(len(r) != layout.slots_per_rank for r in placement):
+        raise ValueError(f"moecc.switch: layer {layer.path!r} has {layout.ranks} ranks x {layout.slots_per_rank} "
+                         f"slots; got {[len(r) for r in placement]} slots per rank")
+    for r, row in enumerate(placement):
+        for e in row:
+            if not isinstance(e, int) or not -1 <= e < layer.num_experts:
+                raise ValueError(f"moecc.switch: rank {r} names expert {e!r}; experts are 0..{layer.num_experts - 1}"
+                                 " (-1: an empty slot)")
+    missing = sorted(set(range(layer.num_experts)) - {e for row in placement for e in row})
+    if missing:
+        raise ValueError(f"moecc.switch: experts {missing} have no slot; every expert needs at least one")
+    try:
+        return placement_from_lists([list(r) for r in placement], layer.num_experts)
+    except ValueError as exc:
+        raise ValueError(f"moecc.switch: {exc}") from None
+
+
 def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, predicted_gain_s: float = 0.0,
            predicted_cost_s: float = 0.0) -> SwitchRecord:
-    """Move ``layer`` to ``placement`` (same slot layout) now: weights, gradients, optimizer state, then the buffers.
+    """Move ``layer`` to ``placement`` (same slot layout; a ``Placement`` or a list per rank of the expert in each
+    slot) now: weights, gradients, optimizer state, then the buffers.
 
     Call it on every rank with the same placement, between an optimizer step and the next forward.
     ``optimizers`` default to the ones attached to the layer. On one process there is nothing to switch: every
@@ -381,8 +410,11 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     optimizers = list(optimizers if optimizers is not None else layer.optimizers)
     start = time.perf_counter()
     old = layer.placement
+    placement = _as_placement(placement, layer)
     if placement.layout != old.layout or placement.num_experts != old.num_experts:
-        raise ValueError(f"moecc: a switch keeps the slot layout ({old.layout}); got {placement.layout}")
+        raise ValueError(f"moecc: a switch keeps the slot layout ({old.layout.ranks} ranks x "
+                         f"{old.layout.slots_per_rank} slots, {old.num_experts} experts); got "
+                         f"{placement.layout.ranks} x {placement.layout.slots_per_rank}, {placement.num_experts}")
     k = old.layout.slots_per_rank
     hosts_old = [{s // k for s, x in enumerate(old.expert_S) if x == e} for e in range(layer.num_experts)]
     hosts_new = [{s // k for s, x in enumerate(placement.expert_S) if x == e} for e in range(layer.num_experts)]
@@ -430,6 +462,10 @@ def consolidate(layers: list[SlotLayer], optimizers=None) -> None:
     for layer in layers:
         if layer.config is None:
             continue
+        if layer.sharded:
+            raise ValueError(f"moecc: layer {layer.path!r} stores only this rank's slots, so model.state_dict() "
+                             "holds empty expert tensors and there is nothing to consolidate; checkpoint with "
+                             "moecc.checkpoint.save(model, optimizer, path) (logical order, any world size)")
         k = layer.placement.layout.slots_per_rank
         host = {e: min(s // k for s, x in enumerate(layer.placement.expert_S) if x == e)
                 for e in range(layer.num_experts)}

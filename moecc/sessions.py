@@ -31,6 +31,7 @@ class Session:
     _model: object = None  # weakref to the model
     mesh: object = None  # the DeviceMesh given to ``moecc.distribute`` (dims "ep" and optionally "dp")
     freed: dict = field(default_factory=dict)  # id -> the user's expert parameters whose storage the slots replaced
+    _by_original: dict = field(default_factory=dict)  # id of a layer's first user expert tensor -> the layer
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -57,15 +58,17 @@ class Session:
         return [slot_storage.stand_in(t, 1000 + order[id(t)]) if isinstance(t, torch.Tensor) and id(t) in self.freed
                 else t for t in example_inputs]
 
-    def add_graph(self, results: list, options: Options, gm=None, example_inputs=()) -> None:
+    def add_graph(self, results: list, options: Options, gm=None, example_inputs=()) -> list:
         """File one compiled graph's block results; rewritten blocks become runtime layers. Under expert
-        parallelism the graph's slot-weight nodes become slot tensors (``slot_storage.install``); a block compiled
-        again (a recompile) shares its layer's slots and buffers."""
+        parallelism the graph's slot-weight nodes become slot tensors (``slot_storage.install``), and then inputs
+        of the graph (``slot_storage.lift``): returns the bindings :meth:`extra_inputs` reads at each call. A block
+        compiled again (a recompile) shares its layer's slots and buffers."""
         self.graphs += 1
         by_path = {layer.path: layer for layer in self.layers}
         reuse = {id(r.dispatch): by_path[r.spec.path].kinds for r in results
                  if r.rewritten and r.spec.path in by_path and by_path[r.spec.path].kinds}
-        kinds = slot_storage.install(gm, example_inputs, reuse) if gm is not None else {}
+        kinds, positions = slot_storage.install(gm, example_inputs, reuse) if gm is not None else ({}, {})
+        layers = {}
         for result in results:
             self.blocks.append(result)
             self.stamps.append(next(_order))
@@ -74,25 +77,72 @@ class Session:
             known = by_path.get(result.spec.path)
             if known is not None and known.num_experts == result.spec.num_experts:
                 _share_buffers(gm, result.buffers, known.buffers)
+                layers[id(result.dispatch)] = known
                 continue
             layer = runtime.SlotLayer.from_result(result, options.pool, kinds.get(id(result.dispatch)))
             self.layers.append(layer)
             self._adopt_slots(layer)
+            layers[id(result.dispatch)] = layer
+        return slot_storage.lift(gm, layers, positions) if gm is not None and positions else []
+
+    def extra_inputs(self, bindings: list, args) -> list[torch.Tensor]:
+        """The slot tensors and buffers of the blocks this call runs: the layer of the expert tensors it passes
+        (an instance the graph was not compiled on is sharded now, with the same layout)."""
+        extra = []
+        for b in bindings:
+            layer = self._by_original.get(id(args[b.positions[0][0]]))
+            if layer is None:
+                layer = self._shard_instance(b, args)
+            extra += [k.slots for k in layer.kinds] + [layer.buffers[key] for key in b.buffer_keys]
+        return extra
+
+    def _shard_instance(self, b, args) -> runtime.SlotLayer:
+        """Another instance of a compiled block's module class reached its graph: give it slots of its own."""
+        from moecc.backends import ep as ep_ops
+        from moecc.passes.moe_pass import ExpertWeights
+
+        local = b.config.local_experts
+        originals = [[args[p] for p in pos] for pos in b.positions]
+        if any(slot_storage.is_freed(t) for kind in originals for t in kind):
+            raise RuntimeError("moecc: a compiled MoE block was called with expert weights whose storage moecc "
+                               "freed for another layer; this is a bug in moecc, please report it")
+        kinds = []
+        for orig in originals:
+            with torch.no_grad():
+                value = ep_ops.slot_weights([t.detach() for t in orig], local).clone()
+            kinds.append(slot_storage.SlotKind(slots=torch.nn.Parameter(value, requires_grad=orig[0].requires_grad),
+                                               originals=orig))
+        stacked = len(originals[0]) == 1
+        experts = ExpertWeights(stacked=[o[0] for o in originals]) if stacked else ExpertWeights(
+            per_expert=[[o[e] for o in originals] for e in range(b.template.num_experts)])
+        buffers = {k: v.clone() for k, v in b.initial_buffers.items()}
+        if "load_counts" in buffers:
+            buffers["load_counts"].zero_()
+        layer = runtime.SlotLayer(path=b.template.path, num_experts=b.template.num_experts,
+                                  d_model=b.template.d_model, experts=experts, buffers=buffers, config=b.config,
+                                  pool=b.template.pool, kinds=kinds)
+        self.layers.append(layer)
+        self._adopt_slots(layer)
+        self.free_experts()
+        return layer
 
     def _adopt_slots(self, layer: runtime.SlotLayer) -> None:
-        """Make a sharded layer's slot tensors the model's parameters (next to the user's experts, so that
+        """Make a sharded layer's slot tensors the model's parameters (``<block>.moecc_slots.<kind>``, so that
         ``model.parameters()`` gives the optimizer what this rank stores) and remember the user's expert
         parameters, whose storage :meth:`free_experts` releases once the graph is compiled."""
         model = self.model
         if not layer.kinds or model is None:
             return
         names = {id(p): n for n, p in model.named_parameters()}
-        owner = _submodule(model, layer.path)
-        for i, kind in enumerate(layer.kinds):
+        for kind in layer.kinds:
             kind.names = [names.get(id(t), "") for t in kind.originals]
-            owner.register_parameter(f"moecc_slots_{i}", kind.slots)
             for t in kind.originals:
                 self.freed[id(t)] = t
+        self._by_original[id(layer.kinds[0].originals[0])] = layer
+        # A child module, not parameters of the block itself: DDP names a root module's own parameters
+        # ".name" when it builds its reducer, so a root block's slots would escape DDP's ignore list.
+        _owner(model, [n for k in layer.kinds for n in k.names]).moecc_slots = torch.nn.ParameterList(
+            [k.slots for k in layer.kinds])
         _install_order_check()
         if self not in _sharded_sessions:
             _sharded_sessions.append(self)
@@ -103,15 +153,15 @@ class Session:
         return slot_storage.free(list(self.freed.values()))
 
     def memory(self) -> list[dict]:
-        """Per layer, the bytes this rank stores for experts: weights, gradients, optimizer state (counted from
-        tensor storages, so freed parameters count zero)."""
+        """Per layer, the bytes this rank stores for experts: weights, gradients, optimizer state shaped like them
+        (counted from tensor storages, so freed parameters count zero)."""
         rows = []
         for layer in self.layers:
             params = layer.params
             weights = sum(_storage_bytes(p) for p in {id(t): t for t in params + layer.experts.all()}.values())
             grads = sum(_storage_bytes(p.grad) for p in params if p.grad is not None)
-            state = sum(_storage_bytes(v) for opt in layer.optimizers for p in params
-                        for v in opt.state.get(p, {}).values() if torch.is_tensor(v))
+            state = sum(_storage_bytes(v) for opt in layer.optimizers for p in params  # not the scalar steps
+                        for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim())
             rows.append({"layer": layer.path, "slots": layer.local_experts, "weights": weights, "grads": grads,
                          "optimizer": state})
         return rows
@@ -144,11 +194,22 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes() if t.numel() else 0
 
 
-def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    try:
-        return model.get_submodule(path) if path else model
-    except AttributeError:
-        return model
+def _owner(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """The module holding a block's experts: the deepest common module of their names that is not a container
+    (a ModuleList would count the slots as one more expert)."""
+    parts = [n.split(".")[:-1] for n in names if n]
+    common = []
+    for level in zip(*parts) if parts else ():
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    while common:
+        module = model.get_submodule(".".join(common))
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential,
+                                   torch.nn.ParameterList, torch.nn.ParameterDict)):
+            return module
+        common.pop()
+    return model
 
 
 def _share_buffers(gm, new: dict, known: dict) -> None:

@@ -39,16 +39,18 @@ class SlotKind:
 
 
 def install(gm: fx.GraphModule, example_inputs, reuse: dict[int, list[SlotKind]] | None = None
-            ) -> dict[int, list[SlotKind]]:
+            ) -> tuple[dict[int, list[SlotKind]], dict[int, list[list[int]]]]:
     """Replace each ``slot_weights`` node of ``gm`` by a parameter of ``gm`` holding its value.
 
-    Returns the kinds per strategy (``id`` of the block's dispatch strategy, from the node's tag), in kind order.
-    ``reuse`` gives, for a strategy, kinds already stored (a recompiled block reads the slots its layer holds).
-    A node whose weights are not graph inputs stays as it is (the block then reads through the user's weights:
-    right, but not sharded).
+    Returns, per strategy (``id`` of the block's dispatch strategy, from the node's tag), its kinds in kind order
+    and, per kind, the graph-input positions of the user's weights it was read from. ``reuse`` gives, for a
+    strategy, kinds already stored (a recompiled block reads the slots its layer holds). A node whose weights are
+    not graph inputs stays as it is (the block then reads through the user's weights: right, but not sharded).
     """
-    real = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
-    found: dict[int, dict[int, SlotKind]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real = dict(zip(placeholders, example_inputs))
+    index = {n: i for i, n in enumerate(placeholders)}
+    found: dict[int, dict[int, tuple[SlotKind, list[int]]]] = {}
     for node in list(gm.graph.nodes):
         tag = node.meta.get(SLOT_WEIGHTS)
         if tag is None or node.op != "call_function":
@@ -72,10 +74,12 @@ def install(gm: fx.GraphModule, example_inputs, reuse: dict[int, list[SlotKind]]
         attr.meta = dict(node.meta)
         node.replace_all_uses_with(attr)
         gm.graph.erase_node(node)
-        found.setdefault(strategy, {})[kind] = entry
+        found.setdefault(strategy, {})[kind] = (entry, [index[n] for n in weight_nodes])
     gm.graph.lint()
     gm.recompile()
-    return {strategy: [kinds[k] for k in sorted(kinds)] for strategy, kinds in found.items()}
+    kinds = {strategy: [by_kind[k][0] for k in sorted(by_kind)] for strategy, by_kind in found.items()}
+    positions = {strategy: [by_kind[k][1] for k in sorted(by_kind)] for strategy, by_kind in found.items()}
+    return kinds, positions
 
 
 def exclusively_owned(t: torch.Tensor) -> bool:
@@ -108,3 +112,43 @@ def stand_in(t: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     value = torch.randn(t.shape, generator=gen, dtype=torch.float32) * 0.05
     return torch.nn.Parameter(value.to(device=t.device, dtype=t.dtype), requires_grad=t.requires_grad)
+
+
+@dataclass(eq=False, slots=True)
+class Binding:
+    """How one compiled graph reaches one block's slots and placement buffers: as trailing graph inputs, picked
+    at each call by the user's expert tensors the call passes. Dynamo reuses a graph for every instance of a
+    module class (parameters are graph inputs), so slots and buffers baked into the graph would serve a second
+    instance the first one's experts."""
+
+    positions: list[list[int]]  # per weight kind, the graph-input position of each of the user's expert tensors
+    buffer_keys: list[str]  # the block's buffers, in input order after its slot tensors
+    template: object  # the runtime.SlotLayer compiled with this graph (another instance copies its layout)
+    config: object  # its expert-parallel layout as compiled
+    initial_buffers: dict = field(default_factory=dict)  # its buffers as compiled (before any switch)
+
+
+def lift(gm: fx.GraphModule, layers: dict[int, object], positions: dict[int, list[list[int]]]) -> list[Binding]:
+    """Turn every get_attr of a sharded layer's slot tensors and buffers in ``gm`` into a trailing placeholder;
+    returns one :class:`Binding` per sharded block (``layers``: strategy id -> layer), in placeholder order."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    attrs = {id(t): name for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    bindings = []
+    for strategy, layer in layers.items():
+        if not layer.kinds or strategy not in positions:
+            continue
+        keys = sorted(k for k in layer.buffers if id(layer.buffers[k]) in attrs)
+        for target in [attrs[id(k.slots)] for k in layer.kinds] + [attrs[id(layer.buffers[k])] for k in keys]:
+            with gm.graph.inserting_after(last):
+                last = gm.graph.placeholder(f"moecc_{target}")
+            for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]:
+                last.meta = dict(node.meta)
+                node.replace_all_uses_with(last)
+                gm.graph.erase_node(node)
+            delattr(gm, target)  # AOTAutograd would lift it as an input of its own
+        bindings.append(Binding(positions=positions[strategy], buffer_keys=keys, template=layer,
+                                config=layer.config,
+                                initial_buffers={k: v.detach().clone() for k, v in layer.buffers.items()}))
+    gm.graph.lint()
+    gm.recompile()
+    return bindings

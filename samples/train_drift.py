@@ -35,6 +35,7 @@ def train(args) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     sys.path.insert(0, HERE)
     from demo import TinyMoELM
@@ -48,26 +49,25 @@ def train(args) -> None:
     torch.manual_seed(0)
     model = TinyMoELM(dim=64, ffn=64, layers=2, num_experts=EXPERTS)
     placement = default_placement(EXPERTS, world, SLOTS_PER_RANK)
-    compiled = torch.compile(model, backend="moecc", options={"moecc.placement": placement})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    moecc.attach(optimizer, average=True, check_every=args.check_every, switching=args.switching == "on")
+    model.compile(backend="moecc", options={"moecc.placement": placement})
     text = torch.tensor(list(corpus()), dtype=torch.long)
     gen = torch.Generator().manual_seed(1000 + rank)
-    dense = None
+
+    def batch():
+        start = torch.randint(0, text.numel() - 129, (8,), generator=gen)
+        return torch.stack([text[s: s + 129] for s in start.tolist()])
+
+    moecc.distribute(model, batch()[:, :-1])  # each rank keeps only its slots
+    DDP._set_params_and_buffers_to_ignore_for_model(model, moecc.expert_parameter_names(model))
+    ddp = DDP(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    moecc.attach(optimizer, average=True, check_every=args.check_every, switching=args.switching == "on")
     times, losses = [], []
     for step in range(args.steps):
-        start = torch.randint(0, text.numel() - 129, (8,), generator=gen)
-        batch = torch.stack([text[s: s + 129] for s in start.tolist()])
+        tokens = batch()
         t = time.perf_counter()
-        loss = F.cross_entropy(compiled(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss = F.cross_entropy(ddp(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
-        if dense is None:
-            ignore = set(moecc.expert_parameter_names(model))
-            dense = [p for n, p in model.named_parameters() if n not in ignore]
-        for p in dense:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - t)

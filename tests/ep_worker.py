@@ -1,7 +1,8 @@
 """Scenarios run on every rank of a gloo group by tests/test_ep.py (one process per rank, loopback TCP).
 
-Each scenario compares the expert-parallel compiled model on this rank's slice of a global batch with one
-single-process eager model on the whole batch, and returns a dict of facts for the test to assert on.
+Each scenario compares the expert-parallel model on this rank's slice of a global batch with one single-process
+eager model on the whole batch, and returns a dict of facts for the test to assert on. A scenario name may end in
+``@2x2``: a (dp=2, ep=2) DeviceMesh instead of the whole world as one expert-parallel group.
 """
 from __future__ import annotations
 
@@ -17,121 +18,269 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_zoo  # noqa: E402
 
 import moecc  # noqa: E402
+import moecc.checkpoint  # noqa: E402
 
 TOKENS_PER_RANK = 3
+DIM = 16
+_last_model: list = [None]  # the model train_equal trained last (replicated_hot_expert reads its slots)
 
 
-def _pair(seed: int = 0):
-    torch.manual_seed(seed)
-    model = moe_zoo.LoopMoE(16, 32, 4, 2)
-    return model, copy.deepcopy(model)
+class Case:
+    """A model kind under test: how to build it, shape a batch, and read its output."""
+
+    def __init__(self, kind: str, seed: int = 0):
+        self.kind = kind
+        torch.manual_seed(seed)
+        if kind == "loop":
+            self.model = moe_zoo.LoopMoE(DIM, 32, 4, 2)
+        elif kind == "stacked":
+            self.model = moe_zoo.StackedLoopMoE(DIM, 32, 4, 2)
+        elif kind == "hf":
+            import hf_zoo
+
+            self.model, _ = hf_zoo.build("mixtral", "grouped_mm", seed=seed)
+            self.model.train(True)
+        else:
+            raise KeyError(kind)
+        self.ref = copy.deepcopy(self.model)
+
+    def batch(self, world: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        if self.kind == "hf":
+            x = torch.randint(1, 64, (world, TOKENS_PER_RANK), generator=gen)
+            return x, torch.randn(world, TOKENS_PER_RANK, 64, generator=gen)
+        x = torch.randn(world, TOKENS_PER_RANK, DIM, generator=gen)
+        return x, torch.randn(world, TOKENS_PER_RANK, DIM, generator=gen)
+
+    def inputs(self, x_TD):
+        """The module's input for token rows (or ids) ``x``."""
+        return x_TD if self.kind == "stacked" else x_TD.unsqueeze(0)
+
+    def run(self, module, x_TD):
+        """Output rows [T, width] for token rows (or ids) ``x``."""
+        out = module(self.inputs(x_TD))
+        return out[0][0] if self.kind == "loop" else out[0] if self.kind == "hf" else out
 
 
-def _batches(world: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x_all = torch.randn(world, TOKENS_PER_RANK, 16, generator=gen)
-    cot_all = torch.randn(world, TOKENS_PER_RANK, 16, generator=gen)
-    return x_all, cot_all
+def _mesh(spec: str | None):
+    if spec is None:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp, ep = (int(v) for v in spec.split("x"))
+    return init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
 
 
-def _allreduce_dense_grads(model) -> None:
-    experts = {id(p) for layer in moecc.session(model).layers for p in layer.experts.all()}
-    for p in model.parameters():
-        if id(p) not in experts and p.grad is not None:
+def _dense_allreduce(model) -> None:
+    """What DDP does for the dense parameters (summed here, as the reference sums the whole batch's loss)."""
+    experts = set(moecc.expert_parameter_names(model))
+    for name, p in model.named_parameters():
+        if name not in experts and p.grad is not None:
             dist.all_reduce(p.grad)
 
 
-def _step_facts(model, ref, compiled, rank, world, seed):
-    """Forward/backward on this rank's slice vs the reference on the whole batch: max differences.
-
-    Leaves the gradients ready for ``optimizer.step()`` (what ``moecc.attach`` would do before it).
-    """
-    x_all, cot_all = _batches(world, seed)
-    out = compiled(x_all[rank:rank + 1])[0]
-    (out * cot_all[rank:rank + 1]).sum().backward()
-    moecc.sync_expert_grads(model)
-    _allreduce_dense_grads(model)
-    ref_out = ref(x_all.reshape(1, -1, 16))[0].reshape(world, TOKENS_PER_RANK, 16)
-    (ref_out * cot_all.reshape(1, -1, 16).reshape(world, TOKENS_PER_RANK, 16)).sum().backward()
-    hosted = moecc.session(model).layers[-1].hosted()
-    facts = {"out": float((out[0] - ref_out[rank]).abs().max()), "grad": 0.0, "absent_grads_ok": True}
-    for e, (mine, theirs) in enumerate(zip(model.experts, ref.experts)):
-        for p, q in zip(mine.parameters(), theirs.parameters()):
-            if e in hosted:
-                facts["grad"] = max(facts["grad"], float((p.grad - q.grad).abs().max()))
-            elif p.grad is not None:
-                facts["absent_grads_ok"] = False
-    for p, q in zip(model.router.parameters(), ref.router.parameters()):
-        facts["grad"] = max(facts["grad"], float((p.grad - q.grad).abs().max()))
-    return facts
+def _expert_pairs(model, ref, optimizer=None, ref_optimizer=None):
+    """(slot row, reference expert tensor) for every slot of this rank; with optimizers, also Adam's moments."""
+    named = dict(ref.named_parameters())
+    pairs = []
+    for layer in moecc.session(model).layers:
+        for kind in layer.kinds:
+            for s, e in enumerate(layer.local_experts):
+                if e < 0:
+                    continue
+                q = named[kind.names[0]] if kind.stacked else named[kind.names[e]]
+                pick = (lambda t, e=e: t[e]) if kind.stacked else (lambda t: t)
+                pairs.append(("param", kind.slots[s], pick(q)))
+                if kind.slots.grad is not None and q.grad is not None:
+                    pairs.append(("grad", kind.slots.grad[s], pick(q.grad)))
+                if optimizer is not None and kind.slots in optimizer.state:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        pairs.append((key, optimizer.state[kind.slots][key][s], pick(ref_optimizer.state[q][key])))
+    return pairs
 
 
-def equal_single_process(rank, world):
-    model, ref = _pair()
-    compiled = torch.compile(model, backend="moecc")
-    facts = _step_facts(model, ref, compiled, rank, world, seed=1)
+def _worst(pairs) -> dict:
+    out = {}
+    for what, a, b in pairs:
+        out[what] = max(out.get(what, 0.0), float((a.detach() - b.detach()).abs().max()))
+    return out
+
+
+def _expert_bytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+def _memory_facts(model, ref, optimizer, ref_optimizer) -> dict:
+    """This rank's expert bytes (weights, gradients, optimizer state; from storages) against one process's."""
+    layers = moecc.session(model).layers
+    mine, full = [], []
+    ref_named = dict(ref.named_parameters())
+    for layer in layers:
+        for kind in layer.kinds:
+            mine += [kind.slots, *kind.originals] + ([kind.slots.grad] if kind.slots.grad is not None else [])
+            mine += [v for v in optimizer.state.get(kind.slots, {}).values() if torch.is_tensor(v) and v.dim()]
+            for name in kind.names:
+                q = ref_named[name]
+                full += [q] + ([q.grad] if q.grad is not None else [])
+                full += [v for v in ref_optimizer.state.get(q, {}).values() if torch.is_tensor(v) and v.dim()]
+    layer = layers[0]
+    return {"expert_bytes": _expert_bytes(mine), "ref_expert_bytes": _expert_bytes(full),
+            "slots": len(layer.local_experts), "experts": layer.num_experts,
+            "report_memory": moecc.session(model).memory()}
+
+
+def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
+    """distribute, then ``steps`` AdamW steps on this rank's slice; the reference trains on the whole batch."""
+    case = Case(kind)
+    model, ref = case.model, case.ref
+    _last_model[0] = model
+    options = {"moecc.placement": placement} if placement is not None else None
+    if options:
+        model.compile(backend="moecc", options=options)
+    x_all, cot_all = case.batch(world, seed=1)
+    moecc.distribute(model, case.inputs(x_all[rank]), mesh=_mesh(mesh))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=10_000)  # gradient upkeep of the slots before each step
+    facts = {"out": 0.0}
+    for step in range(steps):
+        x_all, cot_all = case.batch(world, seed=10 + step)
+        out = case.run(model, x_all[rank])
+        (out * cot_all[rank]).sum().backward()
+        _dense_allreduce(model)
+        ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
+        (ref_out * cot_all).sum().backward()
+        facts["out"] = max(facts["out"], float((out - ref_out[rank]).abs().max()))
+        opt.step()
+        opt_ref.step()
+        if step < steps - 1:
+            opt.zero_grad()
+            opt_ref.zero_grad()
+    facts.update(_worst(_expert_pairs(model, ref, opt, opt_ref)))
+    dense = [(n, p) for n, p in model.named_parameters() if n not in set(moecc.expert_parameter_names(model))]
+    ref_named = dict(ref.named_parameters())
+    facts["dense"] = max(float((p - ref_named[n]).abs().max()) for n, p in dense)
+    facts.update(_memory_facts(model, ref, opt, opt_ref))
     record = moecc.report(model).blocks[-1]
-    facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows, kernel=record.kernel)
+    facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows, kernel=record.kernel,
+                 rewritten=sum(b.rewritten for b in moecc.report(model).blocks))
     return facts
 
 
 def replicated_hot_expert(rank, world):
-    """Expert 0 on every rank; three AdamW steps; outputs track the reference and replicas stay identical."""
-    model, ref = _pair()
-    others = [e for e in range(1, 4)]
+    """Expert 0 on every rank; five AdamW steps equal to one process, and its replicas stay identical."""
+    others = list(range(1, 4))
     per_rank = [[0] + others[r::world] for r in range(world)]
     width = max(len(r) for r in per_rank)
     per_rank = [r + [-1] * (width - len(r)) for r in per_rank]
-    compiled = torch.compile(model, backend="moecc", options={"moecc.placement": per_rank})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    worst = {"out": 0.0, "grad": 0.0}
-    for step in range(3):
-        facts = _step_facts(model, ref, compiled, rank, world, seed=10 + step)
-        worst = {k: max(worst[k], facts[k]) for k in worst}
-        opt.step()
-        opt_ref.step()
-        opt.zero_grad()
-        opt_ref.zero_grad()
-    gathered = [torch.empty_like(model.experts[0].w1.weight) for _ in range(world)]
-    dist.all_gather(gathered, model.experts[0].w1.weight.detach().contiguous())
-    worst["replica_spread"] = float(max((g - gathered[0]).abs().max() for g in gathered))
-    worst["hot_vs_ref"] = float((model.experts[0].w1.weight - ref.experts[0].w1.weight).abs().max())
-    worst["outcome"] = moecc.report(model).blocks[-1].outcome
-    return worst
+    facts = train_equal(rank, world, placement=per_rank)
+    layer = moecc.session(_last_model[0]).layers[0]
+    hot = layer.kinds[0].slots[layer.local_experts.index(0)].detach().contiguous()
+    gathered = [torch.empty_like(hot) for _ in range(world)]
+    dist.all_gather(gathered, hot)
+    facts["replica_spread"] = float(max((g - gathered[0]).abs().max() for g in gathered))
+    return facts
 
 
 def receives_zero_tokens(rank, world):
     """Every token picks experts hosted on rank 0: the other ranks receive no rows at all."""
-    model, ref = _pair()
-    compiled = torch.compile(model, backend="moecc")
-    compiled(torch.randn(1, TOKENS_PER_RANK, 16))
-    hosted0 = [e for e in range(4) if e % world == 0][:2]
+    case = Case("loop")
+    model, ref = case.model, case.ref
+    moecc.distribute(model, case.inputs(torch.randn(TOKENS_PER_RANK, DIM)))
+    hosted0 = moecc.session(model).layers[0].config.placement.experts_per_rank()[0][:2]
     with torch.no_grad():
         for m in (model, ref):
             m.router.gate.weight.zero_()
             for e in hosted0:
                 m.router.gate.weight[e] = 1.0
-    x_all, cot_all = _batches(world, seed=3)
+    x_all, _ = case.batch(world, seed=3)
     x_all = x_all.abs() + 0.1
-    out = compiled(x_all[rank:rank + 1])[0]
-    ref_out = ref(x_all.reshape(1, -1, 16))[0].reshape(world, TOKENS_PER_RANK, 16)
-    _, _, chosen = ref.router(x_all.reshape(-1, 16))
-    return {"out": float((out[0] - ref_out[rank]).abs().max()),
-            "only_rank0_experts": sorted(set(chosen.flatten().tolist())) == hosted0}
+    out = case.run(model, x_all[rank])
+    ref_out = case.run(ref, x_all[rank])
+    _, _, chosen = ref.router(x_all.reshape(-1, DIM))
+    return {"out": float((out - ref_out).abs().max()),
+            "only_rank0_experts": sorted(set(chosen.flatten().tolist())) == sorted(hosted0)}
 
 
 def mismatched_layout(rank, world):
     """Each rank asks for a different placement: every rank must refuse, none may hang."""
-    model, _ = _pair()
+    case = Case("loop")
     per_rank = [[e for e in range(4) if e % world == r] for r in range(world)]
     if rank == 1:
         per_rank = per_rank[::-1]
     try:
-        torch.compile(model, backend="moecc", options={"moecc.placement": per_rank})(torch.randn(1, 3, 16))
+        torch.compile(case.model, backend="moecc", options={"moecc.placement": per_rank})(
+            torch.randn(1, 3, DIM))
     except Exception as exc:  # torch wraps backend errors
         return {"raised": True, "message": str(exc)[:2000]}
     return {"raised": False, "message": ""}
+
+
+def mismatched_mesh(rank, world):
+    """Rank 1 shards over the whole world, the others over a mesh: every rank refuses before any exchange."""
+    mesh = _mesh(f"1x{world}")
+    case = Case("loop")
+    try:
+        moecc.distribute(case.model, torch.randn(1, 3, DIM), mesh=None if rank == 1 else mesh)
+    except ValueError as exc:
+        return {"raised": True, "message": str(exc)}
+    return {"raised": False, "message": ""}
+
+
+def wrong_order(rank, world):
+    """An optimizer built before distribute holds the user's (now empty) expert tensors: its step is refused."""
+    case = Case("loop")
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
+    moecc.distribute(case.model, torch.randn(1, 3, DIM))
+    case.run(case.model, torch.randn(3, DIM)).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        return {"raised": True, "message": str(exc)}
+    return {"raised": False, "message": ""}
+
+
+def _rotated(world: int, shift: int, num_experts: int = 4) -> list[list[int]]:
+    per_rank = [[] for _ in range(world)]
+    for e in range(num_experts):
+        per_rank[(e + shift) % world].append(e)
+    return per_rank
+
+
+def switch_round_trip(rank, world):
+    """A switch and its inverse leave every slot tensor (weights, gradients, Adam state) bit-identical; a switch
+    sends only the slots that change; memory stays the same; outputs follow the experts."""
+    from moecc.backends.ep import placement_from_lists
+    from moecc.runtime import _slot_state, slot_transfers
+
+    case = Case("loop")
+    model = case.model
+    x_all, cot_all = case.batch(world, seed=5)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=10_000)
+    (case.run(model, x_all[rank]) * cot_all[rank]).sum().backward()
+    opt.step()  # gradients stay: they move too
+    layer = moecc.session(model).layers[0]
+    before = [t.clone() for _, t in _slot_state(layer, [opt])]
+    bytes_before = _expert_bytes([t for _, t in _slot_state(layer, [opt])])
+    with torch.no_grad():
+        out_before = case.run(model, x_all[rank])
+    start = layer.placement
+    target = placement_from_lists(_rotated(world, 1), 4)
+    there = moecc.switch(layer, target, [opt])
+    with torch.no_grad():
+        out_there = case.run(model, x_all[rank])
+    bytes_there = _expert_bytes([t for _, t in _slot_state(layer, [opt])])
+    back = moecc.switch(layer, start, [opt])
+    after = [t for _, t in _slot_state(layer, [opt])]
+    k = start.layout.slots_per_rank
+    per_slot = sum(t[0].numel() * t.element_size() for t in after)
+    expected = per_slot * sum(1 for src, dst in slot_transfers(start, target) if src // k == rank != dst // k)
+    return {"bit_exact": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "out_after_switch": float((out_there - out_before).abs().max()),
+            "bytes_sent": there.bytes_sent, "bytes_expected": expected, "bytes_back": back.bytes_sent,
+            "memory_same": bytes_before == bytes_there, "moved": there.moved_experts}
 
 
 def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: int = 3) -> list[list[int]]:
@@ -148,70 +297,209 @@ def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: in
 
 
 def switch_every_3_steps(rank, world, steps: int = 20):
-    """Train 20 steps switching placement every 3; the same as one eager process, no recompiles, state follows."""
+    """Train 20 steps switching placement every 3: the same as one eager process, no recompiles, state follows."""
     from torch._dynamo.utils import counters
 
-    model, ref = _pair()
-    compiled = torch.compile(model, backend="moecc", options={"moecc.placement": cycle_placement(0, world)})
+    from moecc.backends.ep import placement_from_lists
+
+    case = Case("loop")
+    model, ref = case.model, case.ref
+    model.compile(backend="moecc", options={"moecc.placement": cycle_placement(0, world)})
+    x_all, _ = case.batch(world, seed=99)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    graphs = counters["stats"]["unique_graphs"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    facts = {"out": 0.0, "grad": 0.0, "switches": 0}
-    graphs_after_first = None
+    moecc.attach(opt, check_every=10_000)
+    layer = moecc.session(model).layers[0]
+    facts = {"out": 0.0, "switches": 0}
     for step in range(steps):
-        f = _step_facts(model, ref, compiled, rank, world, seed=100 + step)
-        facts["out"], facts["grad"] = max(facts["out"], f["out"]), max(facts["grad"], f["grad"])
+        x_all, cot_all = case.batch(world, seed=100 + step)
+        out = case.run(model, x_all[rank])
+        (out * cot_all[rank]).sum().backward()
+        _dense_allreduce(model)
+        ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
+        (ref_out * cot_all).sum().backward()
+        facts["out"] = max(facts["out"], float((out - ref_out[rank]).abs().max()))
         opt.step()
         opt_ref.step()
         opt.zero_grad()
         opt_ref.zero_grad()
-        if graphs_after_first is None:  # compiled by the first forward
-            graphs_after_first = counters["stats"]["unique_graphs"]
-            layer = moecc.session(model).layers[-1]
         if step % 3 == 2:
-            from moecc.backends.ep import placement_from_lists
-
-            target = placement_from_lists(cycle_placement(step // 3 + 1, world), 4)
-            moecc.switch(layer, target, [opt], step=step)
+            moecc.switch(layer, placement_from_lists(cycle_placement(step // 3 + 1, world), 4), [opt], step=step)
             facts["switches"] += 1
-    facts["recompiled"] = counters["stats"]["unique_graphs"] != graphs_after_first
-    moecc.consolidate(model, [opt])
-    facts["params_vs_ref"] = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
-    facts["adam_vs_ref"] = max(float((opt.state[p][k] - opt_ref.state[q][k]).abs().max())
-                               for p, q in zip(model.parameters(), ref.parameters())
-                               for k in ("exp_avg", "exp_avg_sq"))
+    facts["recompiled"] = counters["stats"]["unique_graphs"] != graphs
+    facts.update(_worst(_expert_pairs(model, ref, opt, opt_ref)))
     facts["moved"] = [r.moved_experts for r in layer.switch_log]
     facts["switch_steps"] = [r.step for r in moecc.report(model).switches]
     facts["report_lists_switches"] = "placement switches" in str(moecc.report(model))
-    # A checkpoint taken now loads into a fresh model compiled with another placement: same outputs.
-    fresh = moe_zoo.LoopMoE(16, 32, 4, 2)
-    fresh.load_state_dict(model.state_dict())
-    other = torch.compile(fresh, backend="moecc", options={"moecc.placement": cycle_placement(1, world)})
-    x_all, _ = _batches(world, seed=999)
-    with torch.no_grad():
-        out = other(x_all[rank:rank + 1])[0]
-        ref_out = ref(x_all.reshape(1, -1, 16))[0].reshape(world, TOKENS_PER_RANK, 16)[rank]
-    facts["checkpoint_out"] = float((out[0] - ref_out).abs().max())
+    return facts
+
+
+def save_checkpoint(rank, world, outdir):
+    """Train 2 steps with a replicated expert, save with DCP; rank 0 also keeps the eager reference's state."""
+    case = Case("loop")
+    model, ref = case.model, case.ref
+    per_rank = [[0, 1, 3], [0, 2, -1]] if world == 2 else None
+    if per_rank:
+        model.compile(backend="moecc", options={"moecc.placement": per_rank})
+    x_all, cot_all = case.batch(world, seed=1)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=10_000)
+    for step in range(2):
+        x_all, cot_all = case.batch(world, seed=20 + step)
+        (case.run(model, x_all[rank]) * cot_all[rank]).sum().backward()
+        _dense_allreduce(model)
+        (torch.stack([case.run(ref, x_all[r]) for r in range(world)]) * cot_all).sum().backward()
+        opt.step()
+        opt_ref.step()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+    moecc.checkpoint.save(model, opt, os.path.join(outdir, "ckpt"))
+    if rank == 0:
+        torch.save({"model": ref.state_dict(), "optim": opt_ref.state_dict()}, os.path.join(outdir, "ref.pt"))
+    return {"saved": True, "layout": moecc.report(model).blocks[-1].layout}
+
+
+def load_checkpoint(rank, world, outdir):
+    """Load the checkpoint into a fresh model at another EP degree; the same weights, moments, outputs, next step."""
+    case = Case("loop", seed=7)  # other initial weights: everything must come from the checkpoint
+    model = case.model
+    saved = torch.load(os.path.join(outdir, "ref.pt"), weights_only=False)
+    ref = copy.deepcopy(case.ref)
+    ref.load_state_dict(saved["model"])
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt_ref.load_state_dict(saved["optim"])
+    x_all, cot_all = case.batch(world, seed=30)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=10_000)
+    moecc.checkpoint.load(model, opt, os.path.join(outdir, "ckpt"))
+    facts = _worst(_expert_pairs(model, ref, opt, opt_ref))
+    out = case.run(model, x_all[rank])
+    ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
+    facts["out"] = float((out - ref_out[rank]).abs().max())
+    (out * cot_all[rank]).sum().backward()
+    _dense_allreduce(model)
+    (ref_out * cot_all).sum().backward()
+    opt.step()
+    opt_ref.step()
+    facts["next_step"] = max(_worst(_expert_pairs(model, ref, opt, opt_ref)).values())
+    facts["layout"] = moecc.report(model).blocks[-1].layout
     return facts
 
 
 def capacity_factor(rank, world):
     """Capacity dropping under EP: each rank drops by its own tokens' counts, as GShard does per device."""
-    model, _ = _pair()
+    case = Case("loop")
+    model, ref_model = case.model, case.ref
     compiled = torch.compile(model, backend="moecc", options={"moecc.capacity_factor": 1.0})
     direction = model.router.gate.weight[0].detach()
-    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(50 + rank)) + 3.0 * direction / direction.norm()
+    x = torch.randn(1, 8, DIM, generator=torch.Generator().manual_seed(50 + rank)) + 3.0 * direction / direction.norm()
     x.requires_grad_(True)
     out = compiled(x)[0]
-    ref = moe_zoo.gshard_reference(model, x, 1.0)
+    ref = moe_zoo.gshard_reference(ref_model, x, 1.0)
     (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x)
     (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
     return {"out": float((out - ref).abs().max()), "grad_x": float((grad_x - grad_ref).abs().max()),
-            "dropping_matters": float((ref - model(x)[0]).abs().max()),
+            "dropping_matters": float((ref - ref_model(x)[0]).abs().max()),
             "outcome": moecc.report(model).blocks[-1].outcome}
 
 
-SCENARIOS = {f.__name__: f for f in (equal_single_process, replicated_hot_expert, receives_zero_tokens,
-                                     mismatched_layout, switch_every_3_steps, capacity_factor)}
+def ddp_dense(rank, world):
+    """DDP over the dense parameters (experts excluded), wrapped after distribute: 3 AdamW steps equal one
+    process on the mean loss."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    case = Case("loop")
+    model, ref = case.model, case.ref
+    x_all, cot_all = case.batch(world, seed=1)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    DDP._set_params_and_buffers_to_ignore_for_model(model, moecc.expert_parameter_names(model))
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    moecc.attach(opt, average=True, check_every=10_000)  # experts averaged over the world, as DDP averages
+    facts = {"out": 0.0}
+    for step in range(3):
+        x_all, cot_all = case.batch(world, seed=40 + step)
+        out = case.run(ddp, x_all[rank])
+        (out * cot_all[rank]).sum().backward()
+        ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
+        ((ref_out * cot_all).sum() / world).backward()
+        facts["out"] = max(facts["out"], float((out - ref_out[rank]).abs().max()))
+        opt.step()
+        opt_ref.step()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+    facts.update(_worst(_expert_pairs(model, ref, opt, opt_ref)))
+    ref_named = dict(ref.named_parameters())
+    facts["dense"] = max(float((p - ref_named[n]).abs().max()) for n, p in model.named_parameters()
+                         if n not in set(moecc.expert_parameter_names(model)))
+    return facts
+
+
+def fsdp2_dense(rank, world):
+    """FSDP2 (``fully_shard``) on the dense modules (embedding, norms, head), the MoE blocks left to moecc (their
+    routers replicated, gradients averaged here by hand: an FSDP unit inside a block would break its graph):
+    3 AdamW steps equal one process on the mean loss. The two blocks are instances of one class, so they share
+    one compiled graph, which must still run each on its own slots."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = moe_zoo.TinyTransformer()
+    ref = copy.deepcopy(model)
+    for dense in (model.embed, model.head, *model.norms):
+        fully_shard(dense)
+    gen = torch.Generator().manual_seed(4)
+    moecc.distribute(model, torch.randint(0, 64, (1, TOKENS_PER_RANK), generator=gen))
+    # DTensor (FSDP2) and plain (slot) parameters in one optimizer: foreach kernels refuse the mix
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    moecc.attach(opt, average=True, check_every=10_000)
+    facts = {"out": 0.0}
+    for _ in range(3):
+        tokens = torch.randint(0, 64, (world, 1, TOKENS_PER_RANK), generator=gen)
+        out = model(tokens[rank])
+        out.pow(2).sum().backward()
+        for p in (p for moe in model.moes for p in moe.router.parameters()):
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+        ref_out = torch.cat([ref(tokens[r]) for r in range(world)])
+        (ref_out.pow(2).sum() / world).backward()
+        facts["out"] = max(facts["out"], float((out[0] - ref_out[rank]).abs().max()))
+        opt.step()
+        opt_ref.step()
+        opt.zero_grad()
+        opt_ref.zero_grad()
+    facts["layers"] = len(moecc.session(model).layers)
+    facts["slot_params"] = sorted(n for n, _ in model.named_parameters() if "moecc_slots" in n)
+    facts["head"] = float((model.head.weight.full_tensor() - ref.head.weight).abs().max())
+    ref_named = dict(ref.named_parameters())
+    facts["experts"] = max(float((layer.kinds[0].slots[s] - ref_named[layer.kinds[0].names[e]]).abs().max())
+                           for layer in moecc.session(model).layers for s, e in enumerate(layer.local_experts))
+    return facts
+
+
+def _scenario(name: str):
+    """A scenario by name: ``train_equal:stacked@2x2`` is train_equal(kind="stacked", mesh="2x2")."""
+    base, _, mesh = name.partition("@")
+    fn_name, _, kind = base.partition(":")
+    fn = SCENARIOS[fn_name]
+    kwargs = {}
+    if kind:
+        kwargs["kind"] = kind
+    if mesh:
+        kwargs["mesh"] = mesh
+    return fn, kwargs
+
+
+SCENARIOS = {f.__name__: f for f in (train_equal, replicated_hot_expert, receives_zero_tokens, mismatched_layout,
+                                     mismatched_mesh, wrong_order, switch_round_trip, switch_every_3_steps,
+                                     save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense)}
+NEEDS_DIR = {"save_checkpoint", "load_checkpoint"}
 
 
 def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
@@ -221,7 +509,10 @@ def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> Non
     for name in names:
         try:
             torch._dynamo.reset()
-            results[name] = SCENARIOS[name](rank, world)
+            fn, kwargs = _scenario(name)
+            if fn.__name__ in NEEDS_DIR:
+                kwargs["outdir"] = outdir
+            results[name] = fn(rank, world, **kwargs)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
             break  # the group may be out of step now
