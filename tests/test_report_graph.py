@@ -3,6 +3,7 @@ region with the node where matching stopped; the HTML export with every section;
 
 Each model compiles once per module (module-scoped fixtures); shapes are tiny.
 """
+import copy
 import re
 
 import moe_zoo
@@ -265,8 +266,6 @@ class _TwoRanks:
 
 
 def test_plan_shows_experts_and_rows_per_rank_and_predicted_against_measured(tiny):
-    import copy
-
     block = copy.copy(tiny[1][0])
     block.dispatch, block.send_rows = _TwoRanks(), [5, 3]
     rep = Report([block], timings=[LayerTiming(block="moes.0", predicted_s=2e-3, measured_s=3e-3, source="timer")])
@@ -276,3 +275,22 @@ def test_plan_shows_experts_and_rows_per_rank_and_predicted_against_measured(tin
     assert "predicted vs measured" in summary
     assert re.search(r"2\.00 ms\s+│ 3\.00 ms\s+│ 1\.50\s+│ timer", summary)
     assert "predicted vs measured" not in str(Report([block]))  # nothing recorded, nothing shown
+
+
+def test_a_view_that_cannot_be_built_costs_no_compile_and_the_report_says_why(tiny, monkeypatch):
+    from moecc.passes import graph_view
+    from moecc.passes.detect import Block
+
+    def broken(gm, block):
+        raise RuntimeError("no stages today")
+
+    monkeypatch.setattr(graph_view, "original_stages", broken)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    block = Block(spec=tiny[1][0].spec, topk=None, indices=None, x=None)
+    view = graph_view.block_view(gm, block, gm, "rewritten", {})
+    assert view.error == "RuntimeError: no stages today" and view.stages == ()
+    result = copy.copy(tiny[1][0])
+    result.view = view
+    text = str(Report([result]).block("moes.0"))
+    assert "the graph view could not be built: RuntimeError: no stages today" in text
+    assert str(Report([result])).count("moes.0") == 1  # the summary still lists the block, without node counts
