@@ -117,11 +117,12 @@ def _stages(original: fx.GraphModule, block: Block, rewritten: fx.GraphModule | 
         return tuple(StageView(name, tuple(_node_view(n, KEPT, n in stopped) for n in _in(stage_of, name)), ())
                      for name in STAGES)
     survivors = _survivors(original, rewritten)
+    removed = [n for n in _block_nodes(original, block) if n.name not in survivors]
+    stage_of = _with_leftovers(original, stage_of, [n for n in removed if n not in stage_of])
     added = inserted_run(rewritten, buffers, {id(n) for n in survivors.values()})
     added_stage = _run_stages(added)
     values = _propagate(rewritten, added)
     kept = {survivors[n.name]: stage for n, stage in stage_of.items() if n.name in survivors}  # copy -> its stage
-    # Removed nodes detection could not place belong to the old dispatch loop's bookkeeping and combine.
     return tuple(StageView(
         name,
         before=tuple(_node_view(n, KEPT if n.name in survivors else REMOVED) for n in _in(stage_of, name)),
@@ -240,6 +241,27 @@ def _with_named(gm: fx.GraphModule, stage_of: dict[fx.Node, str], named: set[fx.
 
 
 _IDENTIFIER = r"[A-Za-z_]\w*"
+
+
+def _with_leftovers(gm: fx.GraphModule, stage_of: dict[fx.Node, str], leftovers: list[fx.Node]
+                    ) -> dict[fx.Node, str]:
+    """``stage_of`` with the removed nodes the data flow rules did not place (checks on the sizes ``where``
+    returned, an in-place un-permute, an accumulator's allocation): each in the stage of a user, else of an input,
+    else dispatch (the old loop's bookkeeping), in graph order."""
+    stage = dict(stage_of)
+    todo = list(leftovers)
+    while todo:
+        placed = []
+        for n in todo:
+            near = [u for u in n.users if u in stage] or [a for a in n.all_input_nodes if a in stage]
+            if near:
+                stage[n] = stage[near[0]]
+                placed.append(n)
+        if not placed:
+            stage.update({n: "dispatch" for n in todo})
+            break
+        todo = [n for n in todo if n not in stage]
+    return {n: stage[n] for n in gm.graph.nodes if n in stage}
 
 
 def _named_nodes(reason: str, candidates: list[fx.Node], block: Block) -> set[fx.Node]:
