@@ -487,6 +487,8 @@ def describe_value(value, size_name=str) -> str:
     if isinstance(value, (tuple, list)):
         parts = [describe_value(v, size_name) for v in value]
         return f"({', '.join(p or '-' for p in parts)})" if any(parts) else ""
+    if isinstance(value, (bool, torch.SymBool)):  # (before int: a bool is an int)
+        return "bool"
     if isinstance(value, (int, torch.SymInt)):
         return "int"
     if isinstance(value, (float, torch.SymFloat)):
