@@ -273,7 +273,25 @@ _TINY_FIELDS = dict(
     first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     max_position_embeddings=128, router_jitter_noise=0.0, attention_dropout=0.0, hidden_dropout=0.0,
     mlp_only_layers=[], decoder_sparse_step=1, moe_layer_freq=1, num_dense_layers=0,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, enable_moe_block=True,
 )
+_CONFIG_KEYS = {"nllb_moe": "nllb-moe"}  # model types spelled otherwise than their folder
+
+
+def _field(config, name: str):
+    """The config's value for ``name``, or None when it has no such global field (per-layer fields raise)."""
+    try:
+        return getattr(config, name)
+    except Exception:  # noqa: BLE001  (AmbiguousGlobalPerLayerAttributeError and the like)
+        return None
+
+
+def _fits(defaults, name: str, value) -> bool:
+    """The config has the field ``name`` and ``value`` is of its kind (a list-valued field keeps its default)."""
+    default = _field(defaults, name)
+    if default is None:  # token ids are often None by default; other None fields mean "not used"
+        return name.endswith("_token_id")
+    return isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
 
 
 def _config_key(family: str) -> tuple[str, bool]:
@@ -281,6 +299,7 @@ def _config_key(family: str) -> tuple[str, bool]:
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LM
 
+    family = _CONFIG_KEYS.get(family, family)
     for key in (f"{family}_text", family):
         if key in CONFIG_MAPPING and key in LM:
             return key, True
@@ -295,7 +314,9 @@ def tiny_config(family: str):
     key, _ = _config_key(family)
     cls = CONFIG_MAPPING[key]
     defaults = cls()
-    fields = {k: v for k, v in _TINY_FIELDS.items() if hasattr(defaults, k)}
+    fields = {k: v for k, v in _TINY_FIELDS.items() if _fits(defaults, k, v)}
+    if fields.get("qk_rope_head_dim") is not None and "head_dim" in fields:  # MLA: head_dim is the rope part
+        fields["head_dim"] = fields["qk_rope_head_dim"]
     config = cls(**fields)
     config._attn_implementation = "eager"
     return config
@@ -316,15 +337,22 @@ def build_any(family: str, impl: str = "grouped_mm", seed: int = 0):
     """(module from token ids to a tensor, a batch of token ids) for any family of ``ALL_FAMILIES``."""
     import transformers as T
 
-    config = tiny_config(family)
-    if impl is not None and hasattr(config, "_experts_implementation"):
-        config._experts_implementation = impl
-    torch.manual_seed(seed)
+    if family in FAMILIES or family == "switch_transformers":  # the families built by hand above
+        name = "switch" if family == "switch_transformers" else family
+        return build(name, impl if impl in IMPLS[name] else "eager", seed=seed)
     _, causal = _config_key(family)
-    if causal:
-        model = Logits(T.AutoModelForCausalLM.from_config(config))
-    else:
-        model = Hidden(T.AutoModel.from_config(config))
+    auto = T.AutoModelForCausalLM if causal else T.AutoModel
+    config = tiny_config(family)
+    config._experts_implementation = impl
+    torch.manual_seed(seed)
+    try:
+        model = auto.from_config(config)
+    except ValueError as exc:  # a family with its own experts code takes no implementation
+        if "does not support setting experts implementation" not in str(exc):
+            raise
+        config = tiny_config(family)
+        model = auto.from_config(config)
+    model = Logits(model) if causal else Hidden(model)
     model.train(False)
     gen = torch.Generator().manual_seed(seed + 1)
     return model, lambda: torch.randint(1, 64, (2, 6), generator=gen)

@@ -65,3 +65,18 @@ def test_grouped_mm_weights_are_read_through_their_bf16_cast():
     _, records = compile_and_records(zoo.GroupedMMMoE(), torch.randn(6, 16))
     assert records[0].kernel == "grouped GEMM"  # the fused op reads weights as stored: not for a cast
     assert records[0].spec.experts.params == ("w1_EFD", "w3_EFD", "w2_EDF")
+
+
+def test_near_uniform_router_gets_its_weights_in_token_order():
+    """Weights permuted into expert order (``weights_TK.view(-1)[order_N]``) are not the [tokens, k] weights: with
+    near-uniform scores they pass a forward probe, and the gate's gradient tells them apart."""
+    model = zoo.GroupedMMMoE()
+    with torch.no_grad():
+        model.gate.weight.mul_(1e-3)
+    compiled, records = compile_and_records(model, torch.randn(10, 16))
+    assert records[0].rewritten, records[0].outcome
+    x = torch.randn(10, 16)
+    cot = torch.randn(10, 16)
+    (g_ref,) = torch.autograd.grad((model(x) * cot).sum(), [model.gate.weight])
+    (g_out,) = torch.autograd.grad((compiled(x) * cot).sum(), [model.gate.weight])
+    assert float((g_out - g_ref).norm()) <= 3e-2 * float(g_ref.norm())
