@@ -283,6 +283,30 @@ def switch_round_trip(rank, world):
             "memory_same": bytes_before == bytes_there, "moved": there.moved_experts}
 
 
+def eval_after_distribute(rank, world):
+    """A graph compiled after the slots took over (eval under no_grad recompiles) is checked on stand-ins for
+    the freed weights and runs on the slots: the same outputs as one process, and after a switch too."""
+    from torch._dynamo.utils import counters
+
+    from moecc.backends.ep import placement_from_lists
+
+    case = Case("loop")
+    model, ref = case.model, case.ref
+    x_all, _ = case.batch(world, seed=6)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        out = case.run(model, x_all[rank])
+        layer = moecc.session(model).layers[0]
+        moecc.switch(layer, placement_from_lists(_rotated(world, 1), 4))
+        out_switched = case.run(model, x_all[rank])
+        ref_out = case.run(ref, x_all[rank])
+    return {"out": float((out - ref_out).abs().max()), "out_switched": float((out_switched - ref_out).abs().max()),
+            "recompiled": counters["stats"]["unique_graphs"] > graphs,
+            "outcomes": [b.outcome for b in moecc.report(model).blocks],
+            "layers": len(moecc.session(model).layers)}
+
+
 def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: int = 3) -> list[list[int]]:
     """Placement number c of a cycle: round-robin shifted by c; odd c also replicate expert c % E everywhere."""
     per_rank = [[] for _ in range(world)]
@@ -497,6 +521,7 @@ def _scenario(name: str):
 
 
 SCENARIOS = {f.__name__: f for f in (train_equal, replicated_hot_expert, receives_zero_tokens, mismatched_layout,
+                                     eval_after_distribute,
                                      mismatched_mesh, wrong_order, switch_round_trip, switch_every_3_steps,
                                      save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense)}
 NEEDS_DIR = {"save_checkpoint", "load_checkpoint"}

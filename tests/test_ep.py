@@ -53,7 +53,8 @@ def shared_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(shared_dir):
     return run_ranks(2, ["train_equal", "replicated_hot_expert", "receives_zero_tokens", "switch_round_trip",
-                         "switch_every_3_steps", "capacity_factor", "ddp_dense", "fsdp2_dense", "save_checkpoint",
+                         "switch_every_3_steps", "eval_after_distribute", "capacity_factor", "ddp_dense", "fsdp2_dense",
+                         "save_checkpoint",
                          "mismatched_layout", "mismatched_mesh", "wrong_order"], shared_dir)
 
 
@@ -133,6 +134,14 @@ def test_switching_every_3_steps_matches_one_process_without_recompiling(two_ran
         assert facts["param"] < 1e-5 and facts["exp_avg"] < 1e-5, "state did not follow its expert"
         assert all(moved for moved in facts["moved"]), "a switch moved no expert"
         assert facts["switch_steps"] == [2, 5, 8, 11, 14, 17] and facts["report_lists_switches"]
+
+
+def test_eval_graph_compiled_after_sharding_runs_on_the_slots(two_ranks):
+    """no_grad recompiles: the new graph is checked on stand-ins for the freed weights, then shares the layer."""
+    for r, res in enumerate(two_ranks):
+        facts = res["eval_after_distribute"]
+        assert facts["recompiled"] and facts["outcomes"] == ["rewritten", "rewritten"] and facts["layers"] == 1
+        assert facts["out"] < 1e-6 and facts["out_switched"] < 1e-6, (r, facts)
 
 
 def test_capacity_factor_drops_rows_per_rank_as_gshard(two_ranks):
