@@ -463,8 +463,8 @@ def _node_view(node: fx.Node, status: str, stopped: bool = False, value: str | N
 
 def _target(node: fx.Node) -> str:
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name  # "moecc::sort_by_slot", "aten::mm"
+    if isinstance(target, torch._ops.OpOverload):  # "moecc::sort_by_slot"; torch's own without "aten::"
+        return target._schema.name.removeprefix("aten::")
     if node.op == "get_attr":
         return "buffer"  # its name says which one
     if isinstance(target, str):
