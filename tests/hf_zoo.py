@@ -276,6 +276,9 @@ _TINY_FIELDS = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, enable_moe_block=True,
 )
 _CONFIG_KEYS = {"nllb_moe": "nllb-moe"}  # model types spelled otherwise than their folder
+# Families whose first layers are dense (or hash-routed) by default: at two layers they would have no MoE block.
+_FAMILY_FIELDS = {"beam": dict(mlp_layer_types=["sparse", "sparse"]),
+                  "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe"])}
 
 
 def _field(config, name: str):
@@ -317,7 +320,7 @@ def tiny_config(family: str):
     fields = {k: v for k, v in _TINY_FIELDS.items() if _fits(defaults, k, v)}
     if fields.get("qk_rope_head_dim") is not None and "head_dim" in fields:  # MLA: head_dim is the rope part
         fields["head_dim"] = fields["qk_rope_head_dim"]
-    config = cls(**fields)
+    config = cls(**fields, **_FAMILY_FIELDS.get(family, {}))
     config._attn_implementation = "eager"
     return config
 
