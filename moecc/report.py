@@ -332,6 +332,7 @@ def report(model=None, detail: str = "summary", timings: bool = False) -> Report
 
     if model is not None:
         found = sessions.session(model).report()
-    else:
-        found = Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log])
+    else:  # (a session's ``timings``: LayerTiming rows, once the runtime records them)
+        found = Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log],
+                       [t for s in sessions.sessions() for t in getattr(s, "timings", [])])
     return Report(found.blocks, found.switches, found.timings, detail=detail, show_timings=timings)
