@@ -122,6 +122,13 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _forget_compiled_graphs() -> None:
+    """A graph Dynamo compiled earlier in this process (``moecc report`` called in-process, from a test) would be
+    reused by the script for the same model class, and its blocks would not be reported again: start fresh."""
+    if "torch" in sys.modules:  # a new process has compiled nothing (and need not import torch for it)
+        sys.modules["torch"]._dynamo.reset()
+
+
 def run_report(args) -> int:
     import importlib
 
@@ -141,6 +148,7 @@ def run_report(args) -> int:
         if problem:
             return _fail(problem)
     before = len(report.report().blocks)
+    _forget_compiled_graphs()
     try:
         run_target(args.target, [a for i, a in enumerate(args.args) if not (i == 0 and a == "--")])
     except SystemExit as exc:  # a script that calls sys.exit(0) still ran
