@@ -11,7 +11,9 @@ Legend: N routed rows on this rank, M rows received, S slots, E experts, R ranks
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import operator
+import os
 from typing import Protocol
 
 import torch
@@ -166,8 +168,15 @@ def _dedicated(group):
     different ranks."""
     ranks = tuple(dist.get_process_group_ranks(group))
     if ranks not in _DEDICATED:
-        _DEDICATED[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+        _DEDICATED[ranks] = dist.new_group(list(ranks), use_local_synchronization=True,
+                                           timeout=collective_timeout())
     return _DEDICATED[ranks]
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long an expert-parallel exchange waits for a peer before it fails (``MOECC_COLLECTIVE_TIMEOUT_S``,
+    default 300 s): a rank that died mid-step makes the others raise, not hang."""
+    return datetime.timedelta(seconds=float(os.environ.get("MOECC_COLLECTIVE_TIMEOUT_S", "300")))
 
 
 SLOT_WEIGHTS = "moecc_slot_weights"  # node meta: (id of the strategy, weight kind) of an ``ep.slot_weights`` node

@@ -20,6 +20,7 @@ buffers, so switching placements within a pool changes data, never the graph.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -107,8 +108,22 @@ def all_to_all_rows(x: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, gro
     recv, send = recv_counts_R.tolist(), send_counts_R.tolist()
     # Rows past the sent ones (dropped by a capacity) stay behind; rows past the received ones come back zero.
     out = x.new_zeros((out_rows, *x.shape[1:])) if out_rows >= 0 else x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out[:sum(recv)], x[:sum(send)].contiguous(), recv, send, group=group)
+    with _exchange_errors("rows"):
+        dist.all_to_all_single(out[:sum(recv)], x[:sum(send)].contiguous(), recv, send, group=group)
     return out
+
+
+@contextlib.contextmanager
+def _exchange_errors(what: str):
+    """A dead or stuck peer surfaces as a transport error deep in gloo or NCCL: say what failed and what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        from moecc.backends.dispatch import collective_timeout
+
+        raise RuntimeError(f"moecc: the expert-parallel exchange of {what} failed: a peer rank exited or did not "
+                           f"answer within {collective_timeout().total_seconds():.0f} s (MOECC_COLLECTIVE_TIMEOUT_S)."
+                           f" Check the other ranks' logs, then restart from the last checkpoint. ({exc})") from exc
 
 
 @all_to_all_rows.register_fake
@@ -136,7 +151,8 @@ def all_to_all_counts(send_counts_R: Tensor, group_name: str) -> Tensor:
     """How many rows each rank will send me, from how many I send each."""
     group = dist.distributed_c10d._resolve_process_group(group_name)
     recv = torch.empty_like(send_counts_R)
-    dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
+    with _exchange_errors("row counts"):
+        dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
     return recv
 
 

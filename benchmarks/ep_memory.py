@@ -118,7 +118,7 @@ def main() -> None:
         table.add_row(str(r["experts"]), str(r["ranks"]), str(r["slots"]), f"{r['weights'] / mb:.1f}",
                       f"{r['grads'] / mb:.1f}", f"{r['optimizer'] / mb:.1f}", f"{r['expert_total'] / mb:.1f}", ratio,
                       f"{r['dense'] / mb:.2f}", f"{r['peak_rss_max'] / mb:.0f}")
-    Console().print(table)
+    Console(width=150).print(table)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "ep_memory.json"), "w") as f:
         json.dump(rows, f, indent=1)

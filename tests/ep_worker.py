@@ -307,6 +307,40 @@ def eval_after_distribute(rank, world):
             "layers": len(moecc.session(model).layers)}
 
 
+def rank_dies_mid_step(rank, world, outdir):
+    """Rank 1 exits in the middle of a training step (after its forward, before its backward). Every other rank's
+    next exchange fails with an error, within the collective timeout, instead of hanging; the checkpoint saved
+    one step earlier is complete (tests/test_ep.py loads it)."""
+    import time
+
+    case = Case("loop")
+    model = case.model
+    x_all, cot_all = case.batch(world, seed=8)
+    moecc.distribute(model, case.inputs(x_all[rank]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    moecc.attach(opt, check_every=10_000)
+    (case.run(model, x_all[rank]) * cot_all[rank]).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    moecc.checkpoint.save(model, opt, os.path.join(outdir, "fault_ckpt"))
+    probe, _ = case.batch(world, seed=9)
+    with torch.no_grad():
+        probe_out = case.run(model, probe[rank])
+    if rank == 0:
+        torch.save({"x": probe[0], "out": probe_out}, os.path.join(outdir, "fault_probe.pt"))
+    dist.barrier()
+    out = case.run(model, x_all[rank])
+    if rank == 1:
+        os._exit(3)  # dies holding the rows the others will ask for
+    start = time.perf_counter()
+    try:
+        (out * cot_all[rank]).sum().backward()
+        raised = ""
+    except Exception as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    return {"raised": raised[:500], "seconds": time.perf_counter() - start}
+
+
 def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: int = 3) -> list[list[int]]:
     """Placement number c of a cycle: round-robin shifted by c; odd c also replicate expert c % E everywhere."""
     per_rank = [[] for _ in range(world)]
@@ -523,8 +557,9 @@ def _scenario(name: str):
 SCENARIOS = {f.__name__: f for f in (train_equal, replicated_hot_expert, receives_zero_tokens, mismatched_layout,
                                      eval_after_distribute,
                                      mismatched_mesh, wrong_order, switch_round_trip, switch_every_3_steps,
-                                     save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense)}
-NEEDS_DIR = {"save_checkpoint", "load_checkpoint"}
+                                     save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense,
+                                     rank_dies_mid_step)}
+NEEDS_DIR = {"save_checkpoint", "load_checkpoint", "rank_dies_mid_step"}
 
 
 def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
@@ -542,7 +577,8 @@ def main(rank: int, world: int, port: int, outdir: str, names: list[str]) -> Non
             results[name] = {"error": traceback.format_exc()}
             break  # the group may be out of step now
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    if not any("rank_dies" in name for name in names):  # after a peer died the group cannot be torn down
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

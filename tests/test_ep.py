@@ -24,10 +24,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, scenarios: list[str], outdir) -> list[dict]:
+def run_ranks(world: int, scenarios: list[str], outdir, dead: tuple[int, ...] = (), env=None) -> list[dict]:
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), str(outdir),
-                               ",".join(scenarios)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               ",".join(scenarios)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {})})
              for r in range(world)]
     logs = []
     for p in procs:
@@ -35,6 +36,9 @@ def run_ranks(world: int, scenarios: list[str], outdir) -> list[dict]:
         logs.append(out)
     results = []
     for r in range(world):
+        if r in dead:
+            results.append({})
+            continue
         path = outdir / f"rank{r}.pt"
         assert path.exists(), f"rank {r} wrote nothing:\n{logs[r][-3000:]}"
         results.append(torch.load(path, weights_only=False))
@@ -233,3 +237,20 @@ def test_half_written_checkpoint_is_refused(two_ranks, shared_dir, tmp_path):
 def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(two_ranks, shared_dir, experts, ffn, names):
     with pytest.raises(ValueError, match=names.replace(".", r"\.")):
         moecc.checkpoint.load(moe_zoo.LoopMoE(16, ffn, experts, 2), None, str(shared_dir / "ckpt"))
+
+
+def test_rank_dying_mid_step_fails_the_others_fast_and_the_last_checkpoint_loads(tmp_path):
+    """Rank 1 exits between its forward and backward: rank 0's exchange raises a moecc error naming the cause
+    within the collective timeout, and the checkpoint written a step earlier loads and gives the same outputs."""
+    (results, _) = (run_ranks(2, ["rank_dies_mid_step"], tmp_path, dead=(1,),
+                              env={"MOECC_COLLECTIVE_TIMEOUT_S": "60"}), None)
+    facts = results[0]["rank_dies_mid_step"]
+    assert "moecc: the expert-parallel exchange" in facts["raised"] and "restart from the last checkpoint" in \
+        facts["raised"], facts
+    assert facts["seconds"] < 60
+    torch.manual_seed(3)
+    model = moe_zoo.LoopMoE(16, 32, 4, 2)
+    moecc.checkpoint.load(model, None, str(tmp_path / "fault_ckpt"))
+    probe = torch.load(tmp_path / "fault_probe.pt")
+    with torch.no_grad():
+        assert torch.allclose(model(probe["x"].unsqueeze(0))[0][0], probe["out"], atol=1e-6)
