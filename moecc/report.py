@@ -64,6 +64,7 @@ class Report:
     blocks: list = field(default_factory=list)  # passes.moe_pass.BlockResult
     switches: list = field(default_factory=list)  # moecc.runtime.SwitchRecord, oldest first
     timings: list = field(default_factory=list)  # LayerTiming, when the runtime recorded them
+    memory: list = field(default_factory=list)  # per sharded layer on this rank: Session.memory() rows
     detail: str = "summary"  # or "graph": each block's graph view after the summary
     show_timings: bool = False  # check times and measured switch times (they change from run to run)
 
@@ -131,9 +132,23 @@ class Report:
                           _ms(t.measured_s), ratio, t.source)
         return table
 
+    def memory_table(self) -> Table:
+        """What this rank stores for each sharded layer's experts (from tensor storages)."""
+        table = Table(title=f"moecc: expert memory on rank {self.memory[0]['rank']}")
+        for col in ("layer", "experts in this rank's slots", "weights", "gradients", "optimizer state", "total"):
+            table.add_column(col, overflow="fold")
+        for m in self.memory:
+            total = m["weights"] + m["grads"] + m["optimizer"]
+            table.add_row(m["layer"] or "<root>", str(m["slots"]), _bytes(m["weights"]), _bytes(m["grads"]),
+                          _bytes(m["optimizer"]), _bytes(total))
+        return table
+
     def summary(self, hint: bool = False) -> Group:
-        """The one-screen part: the block table, and the switch and timing tables when there is anything in them."""
+        """The one-screen part: the block table, and the switch, memory and timing tables when there is anything
+        in them."""
         parts = [self.table(hint)]
+        if self.memory:
+            parts.append(self.memory_table())
         if self.switches:
             parts.append(self.switch_table())
         if self.timings:
@@ -319,6 +334,10 @@ def render_text(renderable, width: int = 160) -> str:
     return cap.get()
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"
+
+
 def console(width: int = 160, quiet: bool = False) -> Console:
     """A recording console: what is printed to it can be saved as HTML or SVG (``quiet``: and goes nowhere else)."""
     return Console(width=width, record=True, file=io.StringIO() if quiet else None)
@@ -334,5 +353,6 @@ def report(model=None, detail: str = "summary", timings: bool = False) -> Report
         found = sessions.session(model).report()
     else:  # (a session's ``timings``: LayerTiming rows, once the runtime records them)
         found = Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log],
-                       [t for s in sessions.sessions() for t in getattr(s, "timings", [])])
-    return Report(found.blocks, found.switches, found.timings, detail=detail, show_timings=timings)
+                       [t for s in sessions.sessions() for t in getattr(s, "timings", [])],
+                       [m for s in sessions.sessions() for m in s.memory() if m["sharded"]])
+    return Report(found.blocks, found.switches, found.timings, found.memory, detail=detail, show_timings=timings)

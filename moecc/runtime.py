@@ -49,6 +49,7 @@ class SlotLayer:
     trace: list = field(default_factory=list)  # per check: mean routed rows per expert per step (all ranks)
     optimizers: list = field(default_factory=list)  # the attached optimizers that step this layer's experts
     kinds: list = field(default_factory=list)  # slot_storage.SlotKind per weight kind: what this rank stores
+    module_path: str = ""  # the module holding the experts in the user's model (where the slots are registered)
 
     @classmethod
     def from_result(cls, result, pool=None, kinds=None) -> SlotLayer:

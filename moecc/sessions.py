@@ -141,8 +141,9 @@ class Session:
         self._by_original[id(layer.kinds[0].originals[0])] = layer
         # A child module, not parameters of the block itself: DDP names a root module's own parameters
         # ".name" when it builds its reducer, so a root block's slots would escape DDP's ignore list.
-        _owner(model, [n for k in layer.kinds for n in k.names]).moecc_slots = torch.nn.ParameterList(
-            [k.slots for k in layer.kinds])
+        owner = _owner(model, [n for k in layer.kinds for n in k.names])
+        owner.moecc_slots = torch.nn.ParameterList([k.slots for k in layer.kinds])
+        layer.module_path = next((n for n, m in model.named_modules() if m is owner), "")
         _install_order_check()
         if self not in _sharded_sessions:
             _sharded_sessions.append(self)
@@ -162,15 +163,17 @@ class Session:
             grads = sum(_storage_bytes(p.grad) for p in params if p.grad is not None)
             state = sum(_storage_bytes(v) for opt in layer.optimizers for p in params  # not the scalar steps
                         for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim())
-            rows.append({"layer": layer.path, "slots": layer.local_experts, "weights": weights, "grads": grads,
-                         "optimizer": state})
+            rows.append({"layer": layer.module_path or layer.path, "slots": layer.local_experts,
+                         "weights": weights, "grads": grads, "optimizer": state, "sharded": layer.sharded,
+                         "rank": layer.config.rank if layer.config is not None else 0})
         return rows
 
     def report(self):
         """This model's report (``moecc.report(model)``)."""
         from moecc.report import Report
 
-        return Report(list(self.blocks), [r for layer in self.layers for r in layer.switch_log])
+        return Report(list(self.blocks), [r for layer in self.layers for r in layer.switch_log],
+                      memory=[m for m in self.memory() if m["sharded"]])
 
     # The runtime's operations, on this model's layers.
     def sync_expert_grads(self, average: bool = False) -> None:

@@ -129,6 +129,10 @@ def _memory_facts(model, ref, optimizer, ref_optimizer) -> dict:
             "report_memory": moecc.session(model).memory()}
 
 
+def layer_group(model):
+    return moecc.session(model).layers[0].group()
+
+
 def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
     """distribute, then ``steps`` AdamW steps on this rank's slice; the reference trains on the whole batch."""
     case = Case(kind)
@@ -163,7 +167,9 @@ def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
     facts.update(_memory_facts(model, ref, opt, opt_ref))
     record = moecc.report(model).blocks[-1]
     facts.update(outcome=record.outcome, layout=record.layout, send_rows=record.send_rows, kernel=record.kernel,
-                 rewritten=sum(b.rewritten for b in moecc.report(model).blocks))
+                 rewritten=sum(b.rewritten for b in moecc.report(model).blocks),
+                 report_memory_table=f"expert memory on rank {dist.get_rank(layer_group(model))}" in str(
+                     moecc.report(model)))
     return facts
 
 

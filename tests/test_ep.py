@@ -97,6 +97,7 @@ def test_each_rank_stores_only_its_slots(four_ranks, name, expected_slots):
         assert facts["expert_bytes"] * facts["experts"] == facts["ref_expert_bytes"] * facts["slots"], facts
         layer = facts["report_memory"][0]
         assert layer["weights"] + layer["grads"] + layer["optimizer"] == facts["expert_bytes"]
+        assert facts["report_memory_table"], "moecc.report() does not show this rank's expert memory"
 
 
 def test_report_shows_layout_and_all_to_all_rows(two_ranks):
