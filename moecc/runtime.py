@@ -422,7 +422,15 @@ def switch(layer: SlotLayer, placement, optimizers=None, *, step: int = -1, pred
     moved = [e for e in range(layer.num_experts) if hosts_new[e] - hosts_old[e]]
     sent = 0
     if layer.sharded:
-        sent = _move_slots(layer, old, placement, optimizers)
+        try:
+            sent = _move_slots(layer, old, placement, optimizers)
+        except RuntimeError as exc:
+            if str(exc).startswith("moecc:"):
+                raise
+            raise RuntimeError(f"moecc: the placement switch of layer {layer.path!r} failed: a peer rank exited or "
+                               "did not answer within the collective timeout (MOECC_COLLECTIVE_TIMEOUT_S). This "
+                               "rank's slots are unchanged (received contents are applied only after every "
+                               f"transfer completes); restart from the last checkpoint. ({exc})") from exc
     else:
         for src in sorted({min(hosts_old[e]) for e in moved}):
             _broadcast_experts(layer, [e for e in moved if min(hosts_old[e]) == src], src, optimizers)

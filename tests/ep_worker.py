@@ -347,6 +347,30 @@ def rank_dies_mid_step(rank, world, outdir):
     return {"raised": raised[:500], "seconds": time.perf_counter() - start}
 
 
+def rank_dies_mid_switch(rank, world):
+    """Rank 1 exits as a placement switch starts: rank 0's switch fails with moecc's error, its slots unchanged."""
+    import time
+
+    from moecc.backends.ep import placement_from_lists
+
+    case = Case("loop")
+    x_all, _ = case.batch(world, seed=8)
+    moecc.distribute(case.model, case.inputs(x_all[rank]))
+    layer = moecc.session(case.model).layers[0]
+    before = [k.slots.detach().clone() for k in layer.kinds]
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)
+    start = time.perf_counter()
+    try:
+        moecc.switch(layer, placement_from_lists(_rotated(world, 1), 4))
+        raised = ""
+    except Exception as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    return {"raised": raised[:600], "seconds": time.perf_counter() - start,
+            "unchanged": all(torch.equal(a, k.slots) for a, k in zip(before, layer.kinds))}
+
+
 def cycle_placement(c: int, world: int, num_experts: int = 4, slots_per_rank: int = 3) -> list[list[int]]:
     """Placement number c of a cycle: round-robin shifted by c; odd c also replicate expert c % E everywhere."""
     per_rank = [[] for _ in range(world)]
@@ -564,7 +588,7 @@ SCENARIOS = {f.__name__: f for f in (train_equal, replicated_hot_expert, receive
                                      eval_after_distribute,
                                      mismatched_mesh, wrong_order, switch_round_trip, switch_every_3_steps,
                                      save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense,
-                                     rank_dies_mid_step)}
+                                     rank_dies_mid_step, rank_dies_mid_switch)}
 NEEDS_DIR = {"save_checkpoint", "load_checkpoint", "rank_dies_mid_step"}
 
 

@@ -243,8 +243,7 @@ def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(two_ranks, sha
 def test_rank_dying_mid_step_fails_the_others_fast_and_the_last_checkpoint_loads(tmp_path):
     """Rank 1 exits between its forward and backward: rank 0's exchange raises a moecc error naming the cause
     within the collective timeout, and the checkpoint written a step earlier loads and gives the same outputs."""
-    (results, _) = (run_ranks(2, ["rank_dies_mid_step"], tmp_path, dead=(1,),
-                              env={"MOECC_COLLECTIVE_TIMEOUT_S": "60"}), None)
+    results = run_ranks(2, ["rank_dies_mid_step"], tmp_path, dead=(1,), env={"MOECC_COLLECTIVE_TIMEOUT_S": "60"})
     facts = results[0]["rank_dies_mid_step"]
     assert "moecc: the expert-parallel exchange" in facts["raised"] and "restart from the last checkpoint" in \
         facts["raised"], facts
@@ -255,3 +254,10 @@ def test_rank_dying_mid_step_fails_the_others_fast_and_the_last_checkpoint_loads
     probe = torch.load(tmp_path / "fault_probe.pt")
     with torch.no_grad():
         assert torch.allclose(model(probe["x"].unsqueeze(0))[0][0], probe["out"], atol=1e-6)
+
+
+def test_rank_dying_as_a_switch_starts_fails_the_other_with_its_slots_unchanged(tmp_path):
+    results = run_ranks(2, ["rank_dies_mid_switch"], tmp_path, dead=(1,), env={"MOECC_COLLECTIVE_TIMEOUT_S": "60"})
+    facts = results[0]["rank_dies_mid_switch"]
+    assert "moecc: the placement switch of layer" in facts["raised"], facts
+    assert facts["seconds"] < 60 and facts["unchanged"]
