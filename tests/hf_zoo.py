@@ -269,7 +269,7 @@ _TINY_FIELDS = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     expert_intermediate_size=32, ffn_hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=2, head_dim=8, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, n_shared_experts=1, n_group=2, topk_group=1,
+    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, top_k_experts=2, n_shared_experts=1, n_group=2, topk_group=1,
     first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     max_position_embeddings=128, router_jitter_noise=0.0, attention_dropout=0.0, hidden_dropout=0.0,
     mlp_only_layers=[], decoder_sparse_step=1, moe_layer_freq=1, num_dense_layers=0,
@@ -292,9 +292,15 @@ def _field(config, name: str):
 def _fits(defaults, name: str, value) -> bool:
     """The config has the field ``name`` and ``value`` is of its kind (a list-valued field keeps its default)."""
     default = _field(defaults, name)
-    if default is None:  # token ids are often None by default; other None fields mean "not used"
-        return name.endswith("_token_id")
+    if default is None:  # unset by default (token ids, head_dim, moe_intermediate_size): ours is the value
+        return name in _declared_fields(defaults)
     return isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+
+
+def _declared_fields(config) -> set[str]:
+    """The fields a config class declares (dataclass fields, or attributes its instance set)."""
+    fields = set(getattr(type(config), "__dataclass_fields__", {}))
+    return fields | set(vars(config))
 
 
 def _config_key(family: str) -> tuple[str, bool]:
