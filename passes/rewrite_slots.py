@@ -167,7 +167,8 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, buffers: dict[str, f
         keep_N = graph.call_function(capacity_mask, (idx_N, top_k, dispatch.num_experts, buffers["capacity_factor"]))
         # Dropped rows go to one extra slot past the last: sorted to the end, never sent, never computed.
         slot_N = graph.call_function(torch.where, (keep_N, slot_N, num_slots))
-        w_TK = graph.call_function(operator.mul, (w_TK, graph.call_method("view", (keep_N, -1, top_k))))
+        # where, not a product: a dropped row's weight may be NaN (NaN logits), and 0 * NaN is NaN in the combine
+        w_TK = graph.call_function(torch.where, (graph.call_method("view", (keep_N, -1, top_k)), w_TK, 0.0))
         dropped_slot = 1
     sorted_ = graph.call_function(torch.ops.moecc.sort_by_slot.default, (slot_N, num_slots + dropped_slot))
     order_N, inverse_N, offsets_S = (emit_getitem(graph, sorted_, i) for i in range(3))
@@ -272,6 +273,17 @@ def record_routing_values(gm: fx.GraphModule, blocks: list[Block], inputs) -> di
     return _record(gm, inputs, wanted)
 
 
+def _check_routable(block: Block, weights: list[fx.Node], values: dict[fx.Node, torch.Tensor]) -> None:
+    """Refuse, by name, example inputs on which the numeric probe cannot tell the candidates apart."""
+    if block.x in values and values[block.x].numel() == 0:
+        raise RewriteError("no tokens in this graph's inputs: nothing to route, the original graph runs")
+    candidates = [values[w] for w in weights if w in values]
+    # Only when every candidate is NaN: with k = E a candidate may legitimately hold -inf-masked entries.
+    if candidates and all(v.isnan().any() for v in candidates):
+        raise RewriteError("the router gives NaN routing weights on the example inputs (NaN or inf router logits): "
+                           "the rewrite cannot be checked on them, the original graph runs")
+
+
 def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None = None,
                  values: dict[fx.Node, torch.Tensor] | None = None) -> Routing:
     """The block's routing weights and routed output in ``gm``, found numerically: the candidates whose values the
@@ -285,6 +297,7 @@ def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None 
         raise RewriteError("no value of shape [tokens, dim] holds the sum of the experts' outputs")
     if values is None or any(n not in values for n in wanted):
         values = _record(gm, inputs, wanted)
+    _check_routable(block, weights[:4], values)
     low = computes_in_low_precision(gm)
     for w in weights[:4]:
         probe, probe_inputs = _standalone(block, w, ffn)

@@ -267,9 +267,6 @@ def test_compiled_first_on_zero_tokens_then_a_full_batch_is_rewritten():
     assert moecc.session(model).blocks[-1].outcome == "rewritten"
 
 
-@pytest.mark.xfail(strict=True, reason="passes/rewrite_slots._matches takes e.abs().max() of an empty tensor: a "
-                   "zero-token graph falls back as 'internal error: RuntimeError: max(): ...' (answer right, "
-                   "report claims a bug); fix in the report's list of changes for passes/")
 def test_zero_token_graph_is_not_reported_as_an_internal_error():
     model = zoo.LoopMoE()
     _, records = compile_and_records(model, torch.randn(1, 0, DIM))
@@ -465,10 +462,7 @@ def test_capacity_with_every_token_on_one_expert_matches_gshard(capacity_case):
     assert not ref[0].reshape(6, DIM)[2:].any()  # tokens 2-5 were dropped
 
 
-@pytest.mark.parametrize("capacity_case", ["fused-top1", pytest.param("grouped-top1", marks=pytest.mark.xfail(
-    strict=True, reason="passes/rewrite_slots.emit_slot_moe masks dropped rows' weights by multiplying (w * keep): "
-    "a NaN weight stays NaN and the grouped path's combine adds 0 * NaN to the token; the fused op skips the row"))],
-    indirect=True)
+@pytest.mark.parametrize("capacity_case", ["fused-top1", "grouped-top1"], indirect=True)
 def test_capacity_dropped_token_with_nan_logits_contributes_zero(capacity_case):
     with capacity_case.router_set(_one_expert), poison(capacity_case, 5, slice(None), NAN):
         # token 5's NaN logits pick expert 2 (top-k over NaN), already full: its row is dropped, its output zero
@@ -493,9 +487,6 @@ def test_compiled_on_nan_router_gives_eager_nan_pattern(compiled_on_nan):
     assert ref[0].isnan().any()
 
 
-@pytest.mark.xfail(strict=True, reason="the numeric routing probe and check compare NaN != NaN, so the block falls "
-                   "back with 'does not reproduce any value ... e.g. capacity dropping', which misleads; passes/ "
-                   "should name the non-finite router values (see the report's changes for passes/)")
 def test_compiled_on_nan_router_says_why_it_fell_back(compiled_on_nan):
     _, records = compiled_on_nan
     reason = records[0].outcome.lower()
