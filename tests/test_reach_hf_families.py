@@ -5,6 +5,8 @@ A family whose model has MoE blocks never gets an empty report: each block is re
 The families listed in ``REWRITTEN`` are rewritten whole (docs/hf.md has the table for every family). A family the
 generic builder cannot build or run at tiny size is skipped with the builder's error.
 """
+import os
+
 import hf_zoo
 import pytest
 
@@ -22,8 +24,16 @@ REWRITTEN = {
 }
 
 
+# The whole survey keeps ~300 MB per family alive in one process (24 GB for all 74: the OOM killer on a CI machine),
+# so the suite runs a sample of different designs; MOECC_ALL_FAMILIES=1 runs every family (docs/hf.md's table).
+SAMPLE = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "jamba", "granitemoeshared", "llama4",
+          "switch_transformers"]
+FAMILIES = hf_zoo.ALL_FAMILIES if os.environ.get("MOECC_ALL_FAMILIES") else [
+    f for f in hf_zoo.ALL_FAMILIES if f in SAMPLE]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", hf_zoo.ALL_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_has_a_row_per_block_each_rewritten_or_with_its_reason(family):
     rows = hf_zoo.survey(family, "grouped_mm")
     outcome = rows[0][1]
