@@ -27,7 +27,8 @@ class Options:
     ep: bool = True
     """False: keep every expert local even when a process group with several ranks exists."""
     group: Any = None
-    """The process group to shard experts over (default: the world)."""
+    """The process group to shard experts over (default: the ``ep`` dim of ``moecc.distribute``'s mesh, else the
+    world)."""
     slots_per_rank: int | None = None
     """Slots per rank under expert parallelism (default: ``ceil(E / ranks)``)."""
     placement: Any = None
