@@ -234,18 +234,25 @@ def placement_from_lists(per_rank: list[list[int]], num_experts: int) -> Placeme
     return Placement(layout=layout, num_experts=num_experts, expert_S=tuple(expert_S), share_S=tuple(share_S))
 
 
+def first_disagreeing_rank(mine, group=None):
+    """(rank, its value) of the first rank of ``group`` whose ``mine`` differs from this rank's, or None: the
+    compile-time and switch-time agreement checks that must refuse on every rank instead of hanging."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return next(((r, theirs) for r, theirs in enumerate(everyone) if theirs != mine), None)
+
+
 def check_same_on_all_ranks(config: EPConfig, block_path: str) -> None:
     """Refuse, on every rank and before any all-to-all, a layout that differs between ranks (it would hang)."""
     group = dist.distributed_c10d._resolve_process_group(config.group_name)
     mine = (block_path, config.layout.ranks, config.layout.slots_per_rank, config.placement.expert_S,
             tuple(round(s, 6) for s in config.placement.share_S))
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    for r, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise ValueError(f"moecc: expert layout differs between ranks for block {block_path!r}: "
-                             f"rank {config.rank} has {mine[1:]}, rank {r} has {theirs[1:]}; "
-                             "every rank must compile the same model with the same moecc options")
+    differs = first_disagreeing_rank(mine, group)
+    if differs is not None:
+        r, theirs = differs
+        raise ValueError(f"moecc: expert layout differs between ranks for block {block_path!r}: "
+                         f"rank {config.rank} has {mine[1:]}, rank {r} has {theirs[1:]}; "
+                         "every rank must compile the same model with the same moecc options")
 
 
 def agree_on_outcome(config: EPConfig, reason: str | None) -> str | None:

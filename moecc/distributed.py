@@ -54,12 +54,13 @@ def _check_same_mesh(mesh) -> None:
 
     mine = None if mesh is None else (tuple(mesh.mesh.shape), tuple(mesh.mesh_dim_names or ()),
                                       mesh.mesh.flatten().tolist())
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    for r, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise ValueError(f"moecc.distribute: rank {dist.get_rank()} got mesh {_describe(mine)} but rank {r} got "
-                             f"{_describe(theirs)}; pass the same DeviceMesh on every rank")
+    from moecc.backends.ep import first_disagreeing_rank
+
+    differs = first_disagreeing_rank(mine)
+    if differs is not None:
+        r, theirs = differs
+        raise ValueError(f"moecc.distribute: rank {dist.get_rank()} got mesh {_describe(mine)} but rank {r} got "
+                         f"{_describe(theirs)}; pass the same DeviceMesh on every rank")
 
 
 def _describe(mesh_facts) -> str:

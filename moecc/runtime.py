@@ -303,15 +303,15 @@ def _slot_state(layer: SlotLayer, optimizers) -> list[tuple[str, torch.Tensor]]:
 
 def _check_same_state(layer: SlotLayer, state: list[tuple[str, torch.Tensor]]) -> None:
     """Ranks that disagree on what a slot holds would wait on each other's transfers forever: refuse instead."""
-    group = layer.group()
+    from moecc.backends.ep import first_disagreeing_rank
+
     mine = [(key, str(t.dtype)) for key, t in state]
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    for r, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise RuntimeError(f"moecc: cannot switch layer {layer.path!r}: rank {layer.config.rank} holds "
-                               f"{[k for k, _ in mine]} per slot, rank {r} holds {[k for k, _ in theirs]}; attach "
-                               "the same optimizers on every rank and switch between a step and the next forward")
+    differs = first_disagreeing_rank(mine, layer.group())
+    if differs is not None:
+        r, theirs = differs
+        raise RuntimeError(f"moecc: cannot switch layer {layer.path!r}: rank {layer.config.rank} holds "
+                           f"{[k for k, _ in mine]} per slot, rank {r} holds {[k for k, _ in theirs]}; attach "
+                           "the same optimizers on every rank and switch between a step and the next forward")
 
 
 def slot_transfers(old, new) -> list[tuple[int, int]]:
