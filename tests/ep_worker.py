@@ -129,6 +129,17 @@ def _memory_facts(model, ref, optimizer, ref_optimizer) -> dict:
             "report_memory": moecc.session(model).memory()}
 
 
+def _backward_both(case, model, ref, rank, x_all, cot_all) -> float:
+    """Forward and backward of this rank's slice and of the reference on the whole batch (the dense gradients
+    summed as DDP would); the largest output difference."""
+    out = case.run(model, x_all[rank])
+    (out * cot_all[rank]).sum().backward()
+    _dense_allreduce(model)
+    ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(len(x_all))])
+    (ref_out * cot_all).sum().backward()
+    return float((out - ref_out[rank]).abs().max())
+
+
 def layer_group(model):
     return moecc.session(model).layers[0].group()
 
@@ -149,12 +160,7 @@ def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
     facts = {"out": 0.0}
     for step in range(steps):
         x_all, cot_all = case.batch(world, seed=10 + step)
-        out = case.run(model, x_all[rank])
-        (out * cot_all[rank]).sum().backward()
-        _dense_allreduce(model)
-        ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
-        (ref_out * cot_all).sum().backward()
-        facts["out"] = max(facts["out"], float((out - ref_out[rank]).abs().max()))
+        facts["out"] = max(facts["out"], _backward_both(case, model, ref, rank, x_all, cot_all))
         opt.step()
         opt_ref.step()
         if step < steps - 1:
@@ -403,12 +409,7 @@ def switch_every_3_steps(rank, world, steps: int = 20):
     facts = {"out": 0.0, "switches": 0}
     for step in range(steps):
         x_all, cot_all = case.batch(world, seed=100 + step)
-        out = case.run(model, x_all[rank])
-        (out * cot_all[rank]).sum().backward()
-        _dense_allreduce(model)
-        ref_out = torch.stack([case.run(ref, x_all[r]) for r in range(world)])
-        (ref_out * cot_all).sum().backward()
-        facts["out"] = max(facts["out"], float((out - ref_out[rank]).abs().max()))
+        facts["out"] = max(facts["out"], _backward_both(case, model, ref, rank, x_all, cot_all))
         opt.step()
         opt_ref.step()
         opt.zero_grad()
