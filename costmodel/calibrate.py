@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from .formulas import ExpertDims, compile_cost_model
-from .profile import GemmTable, Link, Profile
+from .profile import GemmTable, Link, MeasuredExchange, Profile
 
 DEFAULT_SHAPES = ((256, 512), (512, 256), (512, 1024), (1024, 512))
 DEFAULT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -128,33 +128,132 @@ def measure_elementwise_bandwidth(*, device: str = "cpu", dtype: str = "float32"
     return 5 * g.numel() * g.element_size() / timeit(lambda: (nnf.silu(g) * u, sync()))
 
 
-def measure_all_to_all(sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 22)) -> Link | None:
+def measure_all_to_all(sizes=(1 << 8, 1 << 14, 1 << 18, 1 << 20, 1 << 22), *, device: str = "cpu") -> Link | None:
     """Latency and bandwidth of ``all_to_all_single`` when run under torchrun; None in a single process.
 
-    Fitted as ``t = latency + bytes_received / bandwidth`` by least squares over the message sizes.
+    Fitted as ``t = latency + bytes_received / bandwidth`` by least squares over the message sizes (bytes a rank
+    sends in all, its own share included; the fit is on the bytes received from the others). The smallest size is
+    the counts exchange's: a call's latency with every peer in it.
     """
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not _distributed():
         return None
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     xs, ys = [], []
     for size in sizes:
         numel = max(world, size // 4 // world * world)
-        send = torch.ones(numel)
+        send = torch.ones(numel, device=device)
         recv = torch.empty_like(send)
         def run():
             dist.all_to_all_single(recv, send)
         run()
         dist.barrier()
-        t = timeit(run, repeats=3, clock=time.perf_counter)  # waiting on peers is the cost
+        t = timeit(run, repeats=5, clock=time.perf_counter)  # waiting on peers is the cost
         xs.append(numel * 4 * (world - 1) / world)
         ys.append(t)
     slope, intercept = _least_squares(xs, ys)
     return Link(bandwidth_Bps=1.0 / max(slope, 1e-15), latency_s=max(intercept, 0.0))
+
+
+def _distributed() -> bool:
+    """Under torchrun with several processes: the process group, initialised on first use."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def measure_overlap_efficiency(*, compute_s: float = 0.03, exchange_bytes: int = 1 << 20) -> float | None:
+    """The share of an exchange that hides under compute when both are issued together (under torchrun).
+
+    Times GEMMs alone (``t_c``), asynchronous all-to-alls alone (``t_x``), and the all-to-alls issued then the
+    same GEMMs run before waiting (``t_both``): ``eta = (t_c + t_x - t_both) / min(t_c, t_x)``, clamped to [0, 1],
+    the median of five tries. 1 is what separate engines give (a GPU's copy engines, a NIC's DMA); where the
+    exchange's copies need the cores that compute (gloo on one host) it is far less.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not _distributed():
+        return None
+    world = dist.get_world_size()
+    a, w = torch.randn(512, 512), torch.randn(512, 512)
+    out = torch.empty(512, 512)
+    numel = exchange_bytes // 4 // world * world
+    send, recv = torch.ones(numel), torch.empty(numel)
+
+    def gemms(count):
+        for _ in range(count):
+            torch.mm(a, w, out=out)
+
+    def wall(fn) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    one = wall(lambda: gemms(4)) / 4
+    t_single = wall(lambda: dist.all_to_all_single(recv, send))
+    sizes = torch.tensor([max(4, int(compute_s / max(one, 1e-6))), max(1, int(compute_s / max(t_single, 1e-6)))])
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)  # every rank must issue as many exchanges, or they hang
+    count, exchanges = int(sizes[0]), int(sizes[1])
+
+    def exchange(then=None):
+        works = [dist.all_to_all_single(recv, send, async_op=True) for _ in range(exchanges)]
+        if then is not None:
+            then()
+        for work in works:
+            work.wait()
+
+    tries = []
+    for _ in range(5):
+        t_c = wall(lambda: gemms(count))
+        t_x = wall(exchange)
+        t_both = wall(lambda: exchange(lambda: gemms(count)))
+        tries.append(max(0.0, min(1.0, (t_c + t_x - t_both) / min(t_c, t_x))))
+    value = statistics.median(tries)
+    agreed = torch.tensor([value])
+    dist.all_reduce(agreed)  # every rank writes the same number
+    return float(agreed.item()) / world
+
+
+def measure_permute_bandwidth(*, device: str = "cpu", dtype: str = "float32", rows: int = 4096,
+                              width: int = 512) -> float:
+    """Bytes per second of moving rows by index, a row read and a row written both counted: the mean over a
+    gather (``index_select`` into a new tensor, as the dispatch's gathers allocate) and a scatter-add into zeros
+    (the combine and the gathers' backwards)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    x = torch.randn(rows, width, dtype=dt, device=device)
+    idx = torch.randperm(rows, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    t_gather = timeit(lambda: (x.index_select(0, idx), sync()))
+    t_scatter = timeit(lambda: (torch.zeros_like(x).index_add_(0, idx, x), sync()))
+    moved = 2 * x.numel() * x.element_size()
+    return 2 * moved / (t_gather + t_scatter)
+
+
+def measure_op_overhead(*, device: str = "cpu") -> float:
+    """Host seconds of one small op with autograd recording it (dispatcher, allocation, an autograd node): the
+    fixed cost every op of a layer's graph pays whatever its size, the mean over a forward and its backward."""
+    import torch
+
+    x = torch.ones(8, device=device, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(16):
+            y = y * 1.0
+        y.sum().backward()
+    return timeit(chain) / 34  # 16 products, a sum, and as many backward nodes
 
 
 def _least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -182,42 +281,77 @@ def gemm_fit_error(table: GemmTable, samples: list[GemmSample]) -> float:
 
 
 def calibrate(base: Profile, *, name: str, device: str = "cpu", dtype: str = "float32", shapes=DEFAULT_SHAPES,
-              rows=DEFAULT_ROWS, threads: int | None = None, show_progress: bool = True) -> tuple[Profile, float]:
-    """Measure this machine and return (the fitted profile, the GEMM fit error).
+              rows=DEFAULT_ROWS, threads: int | None = None, show_progress: bool = True,
+              comm_only: bool = False) -> tuple[Profile, float | None]:
+    """Measure this machine and return (the fitted profile, the GEMM fit error; None when ``comm_only``).
 
     ``threads`` sets torch's intra-op threads first: a profile holds for the thread count it was measured with
     (on a CPU shared with other work, one thread gives steady timings; OpenMP barriers wait on descheduled threads).
+    Besides the GEMMs and the activation: the row-permute bandwidth and the per-op host cost (the whole-step
+    model's terms), and under torchrun the all-to-all at this group size (kept by size in
+    ``step.all_to_all_measured`` beside the base's other sizes, so running it at 2 then 4 ranks keeps both) and the
+    overlap efficiency. ``comm_only`` measures only what needs several processes and keeps the rest from ``base``.
     """
     import torch
     from rich.progress import Progress
 
     if threads:
         torch.set_num_threads(threads)
+    steps = 0 if comm_only else len(shapes) * len(rows) + 3
     with Progress(disable=not show_progress, transient=False) as bar:
-        task = bar.add_task("GEMMs", total=len(shapes) * len(rows) + 2)
-        overhead, samples = measure_gemms(shapes, rows, dtype=dtype, device=device,
-                                          progress=lambda: bar.advance(task))
-        bar.update(task, description="elementwise bandwidth")
-        mem_bw = measure_elementwise_bandwidth(device=device, dtype=dtype)
-        bar.advance(task)
+        task = bar.add_task("GEMMs", total=steps + 2)
+        table, error, samples = base.gemm, None, []
+        mem_bw, st = base.memory_bandwidth_Bps, base.step_terms
+        measured = []
+        if not comm_only:
+            overhead, samples = measure_gemms(shapes, rows, dtype=dtype, device=device,
+                                              progress=lambda: bar.advance(task))
+            table = fit_gemm_table(overhead, samples, dtype=dtype)
+            error = gemm_fit_error(table, samples)
+            bar.update(task, description="elementwise bandwidth")
+            mem_bw = float(f"{measure_elementwise_bandwidth(device=device, dtype=dtype):.4g}")
+            bar.advance(task)
+            bar.update(task, description="row permutes")
+            st = dataclasses.replace(st, permute_bandwidth_Bps=float(
+                f"{measure_permute_bandwidth(device=device, dtype=dtype):.4g}"))
+            bar.advance(task)
+            bar.update(task, description="per-op overhead")
+            st = dataclasses.replace(st, op_overhead_s=float(f"{measure_op_overhead(device=device):.4g}"))
+            bar.advance(task)
+            measured += ["gemm", "memory_bandwidth_Bps", "step.permute_bandwidth_Bps", "step.op_overhead_s"]
         bar.update(task, description="all-to-all")
-        a2a = measure_all_to_all()
+        a2a = measure_all_to_all(device=device)
         bar.advance(task)
-    table = fit_gemm_table(overhead, samples, dtype=dtype)
-    error = gemm_fit_error(table, samples)
-    measured = ["gemm", "memory_bandwidth_Bps"] + (["all_to_all"] if a2a else [])
+        bar.update(task, description="overlap")
+        efficiency = measure_overlap_efficiency() if a2a is not None and device == "cpu" else None
+        bar.advance(task)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    intra, inter = base.intra_node, base.inter_node
+    if a2a is not None:
+        a2a = Link(bandwidth_Bps=float(f"{a2a.bandwidth_Bps:.4g}"), latency_s=float(f"{a2a.latency_s:.4g}"))
+        same_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == world
+        intra, inter = (a2a, inter) if same_node else (intra, a2a)
+        measured.append(f"all_to_all.{'intra' if same_node else 'inter'}_node at {world} ranks")
+        if same_node:
+            kept = [m for m in st.all_to_all_measured if m.ranks != world]
+            point = MeasuredExchange(ranks=world, bandwidth_Bps=a2a.bandwidth_Bps, latency_s=a2a.latency_s)
+            st = dataclasses.replace(st, all_to_all_measured=tuple(sorted(kept + [point], key=lambda m: m.ranks)))
+            measured.append(f"step.all_to_all_measured[{world} ranks]")
+    if efficiency is not None:
+        st = dataclasses.replace(st, overlap_efficiency=float(f"{efficiency:.3g}"))
+        measured.append(f"step.overlap_efficiency at {world} ranks")
 
     source = (f"measured by moecc calibrate ({', '.join(measured)}) on {device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; other fields from base profile {base.name!r}")
-    intra, inter = base.intra_node, base.inter_node
-    if a2a is not None:
-        same_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == int(os.environ.get("WORLD_SIZE", "1"))
-        intra, inter = (a2a, inter) if same_node else (intra, a2a)
-    profile = dataclasses.replace(
-        base, name=name, source=source, gemm=table, memory_bandwidth_Bps=float(f"{mem_bw:.4g}"),
-        intra_node=intra, inter_node=inter,
-        notes=f"GEMM table fit error {100 * error:.1f}% mean absolute over {len(samples)} measured shapes. "
-              + re.sub(r"GEMM table fit error .*?shapes\.\s*", "", base.notes))
+    if comm_only:
+        source = f"{base.source}; then {source}"
+    notes = base.notes
+    if error is not None:
+        notes = (f"GEMM table fit error {100 * error:.1f}% mean absolute over {len(samples)} measured shapes. "
+                 + re.sub(r"GEMM table fit error .*?shapes\.\s*", "", base.notes))
+    profile = dataclasses.replace(base, name=name, source=source, gemm=table, memory_bandwidth_Bps=mem_bw,
+                                  intra_node=intra, inter_node=inter, step=st, notes=notes)
     return profile, error
 
 

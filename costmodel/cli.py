@@ -75,6 +75,8 @@ def add_commands(subparsers) -> None:
     cal.add_argument("--threads", type=non_negative_int, default=1,
                      help="torch threads to measure with (0: torch's default)")
     cal.add_argument("--quick", action="store_true", help="fewer shapes (about 5 s)")
+    cal.add_argument("--comm-only", action="store_true",
+                     help="under torchrun: measure only the all-to-all and the overlap, the rest from --base")
     cal.add_argument("--fit-steps", metavar="FILE",
                      help='JSON {"d_model", "d_ffn", "training", "act_bytes", '
                           '"samples": [{"tokens_per_slot": [...], "seconds": s}]}')
@@ -256,15 +258,27 @@ def run_calibrate(args) -> int:
         return _fail(problem)
     shapes = DEFAULT_SHAPES[:2] if args.quick else DEFAULT_SHAPES
     rows = DEFAULT_ROWS[::2] if args.quick else DEFAULT_ROWS
+    if args.comm_only and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return _fail("--comm-only measures the all-to-all and the overlap, which need several processes: run it "
+                     "under torchrun --nproc-per-node N")
     profile, error = calibrate(base, name=args.name, device=args.device, dtype=args.dtype, shapes=shapes, rows=rows,
-                               threads=args.threads or None)
+                               threads=args.threads or None, comm_only=args.comm_only)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun every rank measures (the all-to-all needs them all); rank 0 writes
     try:
         save_profile(profile, args.out)
     except OSError as err:
         return _fail(f"--out {args.out}: cannot write: {err.strerror or err}")
-    print(f"GEMM table: {len(profile.gemm.points)} points, call overhead {1e6 * profile.gemm.call_overhead_s:.1f} us, "
-          f"fit error {100 * error:.1f}% mean absolute; memory {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s; "
-          f"wrote {args.out}")
+    st = profile.step_terms
+    parts = []
+    if error is not None:
+        parts.append(f"GEMM table: {len(profile.gemm.points)} points, call overhead "
+                     f"{1e6 * profile.gemm.call_overhead_s:.1f} us, fit error {100 * error:.1f}% mean absolute; "
+                     f"memory {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s; permutes "
+                     f"{st.permute_bandwidth_Bps / 1e9:.1f} GB/s; {1e6 * st.op_overhead_s:.2f} us per op")
+    parts += [f"all-to-all at {m.ranks} ranks: {1e6 * m.latency_s:.0f} us + bytes / {m.bandwidth_Bps / 1e9:.2f} GB/s"
+              for m in st.all_to_all_measured]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parts.append(f"overlap efficiency {st.overlap_efficiency:.2f}")
+    print("; ".join(parts + [f"wrote {args.out}"]))
     return 0

@@ -1,10 +1,10 @@
 """Hardware profiles: what the cost model knows about a machine, as a versioned JSON file.
 
-File format (``"format": "moecc-profile"``, ``"version": 1``); every field is required, unknown fields are refused
+File format (``"format": "moecc-profile"``, ``"version": 2``); every field is required, unknown fields are refused
 so that a typo cannot silently fall back to a default::
 
     {
-      "format": "moecc-profile", "version": 1,
+      "format": "moecc-profile", "version": 2,
       "name": "h100-sxm-8x", "source": "datasheet | measured by moecc calibrate ...", "notes": "free text",
       "nodes": 8, "devices_per_node": 8,
       "device_memory_bytes": 80e9,           # what one rank may spend on expert slots (weights + grads + optimizer)
@@ -14,8 +14,18 @@ so that a typo cannot silently fall back to a default::
                "table": [[rows, flops_per_s], ...]},   # achieved throughput by GEMM rows, sorted by rows
       "all_to_all": {"intra_node": {"bandwidth_Bps": ..., "latency_s": ...},
                      "inter_node": {"bandwidth_Bps": ..., "latency_s": ...}},
-      "param_move": {"bandwidth_Bps": ..., "latency_s": ...}   # moving expert weights + optimizer state
+      "param_move": {"bandwidth_Bps": ..., "latency_s": ...},  # moving expert weights + optimizer state
+      "step": {                              # the rest of an expert-parallel step (costmodel/step.py)
+        "op_overhead_s": ...,                # host cost of one op of the layer's graph (dispatch, launch, autograd)
+        "permute_bandwidth_Bps": ...,        # gathering / scattering rows by index (read + write counted)
+        "overlap_efficiency": ...,           # share of an exchange that hides under compute (0 none, 1 all)
+        "intra_node_per_peer_s": ..., "inter_node_per_peer_s": ...,  # all-to-all latency per peer, per level
+        "all_to_all_measured": [{"ranks": R, "bandwidth_Bps": ..., "latency_s": ...}, ...]  # one node, measured
+      }
     }
+
+Version 1 files (no ``step``) still load: their step terms are the old model's assumptions (no per-op cost, no
+overlap, no per-peer latency, rows permuted at ``memory_bandwidth_Bps``), and saving writes version 2.
 
 The GEMM table is the calibrated part: achieved throughput differs by orders of magnitude between a GEMM of a few
 rows and a large one, and MoE experts live at the small end under skew. It is keyed by the row count m of an
@@ -29,6 +39,7 @@ direction. Hand-tuning means editing these numbers; ``calibrate.fit_step_times``
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -36,7 +47,8 @@ from importlib import resources
 from pathlib import Path
 
 FORMAT = "moecc-profile"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ProfileError(ValueError):
@@ -90,6 +102,51 @@ class GemmTable:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MeasuredExchange:
+    """An all-to-all measured on one node at a group size: latency (per call, every peer included) and bandwidth
+    (bytes a rank receives per second). Where ranks share a host's cores, this is the only honest price."""
+
+    ranks: int
+    bandwidth_Bps: float
+    latency_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepTerms:
+    """What the whole-step model (``costmodel/step.py``) needs beyond the expert GEMMs and the link levels.
+
+    ``op_overhead_s``: host cost of one op of a layer's graph (dispatcher, kernel launch, autograd node).
+    ``permute_bandwidth_Bps``: bytes per second of gathering or scattering rows by index, a row read and a row
+    written both counted. ``overlap_efficiency``: the share of an exchange that runs under compute when the two are
+    issued together (1: separate engines, as a GPU's copy engines or NICs; 0: the exchange needs the cores the
+    compute runs on). ``*_per_peer_s``: the all-to-all's latency per peer at each level (one message per peer:
+    what a 2-D exchange saves). ``all_to_all_measured``: exchanges measured on one node by group size, used instead
+    of the intra-node level for a group on one node (a host whose ranks share cores).
+    """
+
+    op_overhead_s: float = 0.0
+    permute_bandwidth_Bps: float | None = None  # None: the profile's memory_bandwidth_Bps
+    overlap_efficiency: float = 0.0
+    intra_node_per_peer_s: float = 0.0
+    inter_node_per_peer_s: float = 0.0
+    all_to_all_measured: tuple[MeasuredExchange, ...] = ()
+
+    def measured_link(self, ranks: int) -> Link | None:
+        """The measured exchange of ``ranks`` ranks on one node: interpolated linearly in ranks between measured
+        sizes, the nearest one beyond them (latency scaled by peers, bandwidth kept); None if none was measured."""
+        pts = sorted(self.all_to_all_measured, key=lambda m: m.ranks)
+        if not pts or ranks < 2:
+            return None
+        for lo, hi in zip(pts, pts[1:]):
+            if lo.ranks <= ranks <= hi.ranks:
+                t = (ranks - lo.ranks) / (hi.ranks - lo.ranks)
+                return Link(bandwidth_Bps=lo.bandwidth_Bps + t * (hi.bandwidth_Bps - lo.bandwidth_Bps),
+                            latency_s=lo.latency_s + t * (hi.latency_s - lo.latency_s))
+        end = pts[0] if ranks < pts[0].ranks else pts[-1]
+        return Link(bandwidth_Bps=end.bandwidth_Bps, latency_s=end.latency_s * (ranks - 1) / (end.ranks - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Profile:
     name: str
     source: str
@@ -102,10 +159,19 @@ class Profile:
     intra_node: Link
     inter_node: Link
     param_move: Link
+    step: StepTerms | None = None  # None (a version-1 file): the old model's assumptions, see ``step_terms``
 
     @property
     def max_ranks(self) -> int:
         return self.nodes * self.devices_per_node
+
+    @property
+    def step_terms(self) -> StepTerms:
+        """The step terms with every default resolved (rows permuted at the memory bandwidth when unset)."""
+        step = self.step or StepTerms()
+        if step.permute_bandwidth_Bps is None:
+            step = dataclasses.replace(step, permute_bandwidth_Bps=self.memory_bandwidth_Bps)
+        return step
 
 
 # -- reading and writing ------------------------------------------------------------------------------------------
@@ -113,6 +179,8 @@ class Profile:
 _TOP = {"format", "version", "name", "source", "notes", "nodes", "devices_per_node", "device_memory_bytes",
         "memory_bandwidth_Bps", "gemm", "all_to_all", "param_move"}
 _LINK = {"bandwidth_Bps", "latency_s"}
+_STEP = {"op_overhead_s", "permute_bandwidth_Bps", "overlap_efficiency", "intra_node_per_peer_s",
+         "inter_node_per_peer_s", "all_to_all_measured"}
 
 
 def _fields(obj: object, where: str, expected: set[str]) -> dict:
@@ -189,13 +257,43 @@ def _gemm(obj: object) -> GemmTable:
                      call_overhead_s=_number(d, "call_overhead_s", "gemm", positive=False), points=tuple(points))
 
 
+def _step(obj: object) -> StepTerms:
+    d = _fields(obj, "step", _STEP)
+    efficiency = _number(d, "overlap_efficiency", "step", positive=False)
+    if efficiency > 1:
+        raise ProfileError(f"profile field 'step.overlap_efficiency' must be between 0 and 1, got {efficiency!r}")
+    measured = d["all_to_all_measured"]
+    if not isinstance(measured, list):
+        raise ProfileError("profile field 'step.all_to_all_measured' must be a list of "
+                           '{"ranks", "bandwidth_Bps", "latency_s"} (may be empty)')
+    points = []
+    for i, row in enumerate(measured):
+        where = f"step.all_to_all_measured[{i}]"
+        m = _fields(row, where, {"ranks", "bandwidth_Bps", "latency_s"})
+        ranks = _number(m, "ranks", where, integer=True)
+        if ranks < 2 or any(p.ranks == ranks for p in points):
+            raise ProfileError(f"profile field '{where}.ranks' must be >= 2 and appear once, got {ranks}")
+        points.append(MeasuredExchange(ranks=ranks, bandwidth_Bps=_number(m, "bandwidth_Bps", where),
+                                       latency_s=_number(m, "latency_s", where, positive=False)))
+    return StepTerms(op_overhead_s=_number(d, "op_overhead_s", "step", positive=False),
+                     permute_bandwidth_Bps=_number(d, "permute_bandwidth_Bps", "step"),
+                     overlap_efficiency=efficiency,
+                     intra_node_per_peer_s=_number(d, "intra_node_per_peer_s", "step", positive=False),
+                     inter_node_per_peer_s=_number(d, "inter_node_per_peer_s", "step", positive=False),
+                     all_to_all_measured=tuple(sorted(points, key=lambda p: p.ranks)))
+
+
 def profile_from_dict(data: object) -> Profile:
     """Validate a parsed profile; raises ``ProfileError`` naming the first bad field."""
-    d = _fields(data, "", _TOP)
+    if isinstance(data, dict) and "version" in data and data["version"] == 1 and not isinstance(data["version"], bool):
+        d = _fields(data, "", _TOP)  # version 1: no step section
+    else:
+        d = _fields(data, "", _TOP | {"step"})
     if d["format"] != FORMAT:
         raise ProfileError(f"profile field 'format' must be {FORMAT!r}, got {_short(d['format'])}")
-    if isinstance(d["version"], bool) or d["version"] != VERSION:
-        raise ProfileError(f"profile field 'version' is {_short(d['version'])}; this moecc reads version {VERSION}")
+    if isinstance(d["version"], bool) or d["version"] not in READABLE_VERSIONS:
+        raise ProfileError(f"profile field 'version' is {_short(d['version'])}; this moecc reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     a2a = _fields(d["all_to_all"], "all_to_all", {"intra_node", "inter_node"})
     return Profile(
         name=_string(d, "name", ""), source=_string(d, "source", ""), notes=_string(d, "notes", ""),
@@ -206,6 +304,7 @@ def profile_from_dict(data: object) -> Profile:
         intra_node=_link(a2a["intra_node"], "all_to_all.intra_node"),
         inter_node=_link(a2a["inter_node"], "all_to_all.inter_node"),
         param_move=_link(d["param_move"], "param_move"),
+        step=_step(d["step"]) if "step" in d else None,
     )
 
 
@@ -219,7 +318,16 @@ def profile_to_dict(p: Profile) -> dict:
                  "table": [[f, t] for f, t in p.gemm.points]},
         "all_to_all": {"intra_node": link(p.intra_node), "inter_node": link(p.inter_node)},
         "param_move": link(p.param_move),
+        "step": step_to_dict(p.step_terms),
     }
+
+
+def step_to_dict(st: StepTerms) -> dict:
+    return {"op_overhead_s": st.op_overhead_s, "permute_bandwidth_Bps": st.permute_bandwidth_Bps,
+            "overlap_efficiency": st.overlap_efficiency, "intra_node_per_peer_s": st.intra_node_per_peer_s,
+            "inter_node_per_peer_s": st.inter_node_per_peer_s,
+            "all_to_all_measured": [{"ranks": m.ranks, "bandwidth_Bps": m.bandwidth_Bps, "latency_s": m.latency_s}
+                                    for m in st.all_to_all_measured]}
 
 
 def read_json(path: str | Path, what: str, error: type[ValueError]) -> object:

@@ -48,7 +48,7 @@ sys.meta_path.insert(0, NoTorch())
 spec = importlib.util.spec_from_file_location("cm", r"{folder / '__init__.py'}",
                                               submodule_search_locations=[r"{folder}"])
 cm = importlib.util.module_from_spec(spec); sys.modules["cm"] = cm; spec.loader.exec_module(cm)
-for mod in ("placement", "profile", "workload", "formulas", "greedy", "planner", "compare", "cli"):
+for mod in ("placement", "profile", "workload", "formulas", "step", "greedy", "planner", "compare", "cli"):
     importlib.import_module("cm." + mod)
 print("ok")
 """
