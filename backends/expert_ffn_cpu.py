@@ -9,6 +9,11 @@ one fused pass each way (``cpu_native``). For training the pre-activations (gate
 eager autograd keeps four ``ffn``-wide tensors) are saved for the backward. Workspaces and saved tensors come
 from a small pool (:func:`pooled_empty`), so they are not page-faulted in afresh at every call.
 
+Two implementations compute the same tiles, chosen per shape by a short in-process calibration
+(``cpu_grouped.choose``): "per_expert" (below: a threaded ``torch.mm`` per tile, what MKL runs best for a few large
+experts) and "grouped" (``cpu_grouped``: every expert's tiles in one OpenMP region, single-threaded MKL per work
+item, for many small experts).
+
 Rows ``offsets[g-1]:offsets[g]`` belong to group g; row n reads token ``index[n]`` and adds
 ``weight[n] * ffn_g(x[index[n]])`` to ``out[index[n]]``. Rows past the last offset are not computed.
 
@@ -23,7 +28,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import cpu_native
+from . import cpu_grouped, cpu_native
 from .kernels_cpu import check_offsets, group_weight, weight_io
 
 aten = torch.ops.aten
@@ -181,24 +186,54 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     width = ffn * (2 if glu else 1)
     saved = pooled_empty(rows, width, x_TD) if save else x_TD.new_empty((0, width))
     offsets = offsets_S.tolist()
-    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), rows, groups)
-    tile = max((e - s for _, s, e in tiles), default=0)
+    check_offsets(offsets, rows, groups, "moecc::expert_ffn")
     native = _native(activation, x_TD)
     # Gather and combine once for all computed rows: per tile they cost more in calls than in bytes.
     used = offsets[-1] if offsets else 0
     index = index_N[:used]
     xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
     ys = pooled_empty(used, d_out, x_TD)
-    hb = pooled_empty(tile, width, x_TD) if not save else None
-    ab = pooled_empty(tile, ffn, x_TD)
+    path, key = _path("forward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
+    with cpu_grouped.Timer(key, path):
+        if path == "grouped":
+            cpu_grouped.forward(xs, ys, saved if save else None, weight_N, offsets_S, w1, w3, w2, flags, activation,
+                                lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype))
+        else:
+            _forward_per_expert(xs, ys, saved if save else None, weight_N[:used], offsets, w1, w3, w2, native,
+                                activation, t1, t3, t2, glu, ffn, width)
+        out.index_add_(0, index, ys)
+    return out, saved
+
+
+def _path(direction: str, native, activation: str, x_TD: Tensor, weights, offsets: list[int], ffn: int,
+          glu: int) -> tuple[str, tuple | None]:
+    """Which implementation runs this call ("grouped": ``cpu_grouped``'s one parallel region, or "per_expert"),
+    and its calibration bucket; the grouped kernel only where it was built and fits the tensors."""
+    if native is None or cpu_grouped.kernels(activation) is None or not cpu_grouped.supported(x_TD, weights):
+        cpu_grouped.runs["per_expert"] += 1
+        return "per_expert", None
+    used = offsets[-1] if offsets else 0
+    groups_used = len(set(offsets).union((0,))) - 1
+    key = cpu_grouped.bucket(direction, used, groups_used, x_TD.shape[1], ffn, glu)
+    path = cpu_grouped.choose(key)
+    cpu_grouped.runs[path] += 1
+    return path, key
+
+
+def _forward_per_expert(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offsets: list[int], w1, w3,
+                        w2, native, activation: str, t1: bool, t3: bool, t2: bool, glu: int, ffn: int,
+                        width: int) -> None:
+    """Each expert's rows as one tile (split only past ``tile_rows``), each GEMM a threaded ``torch.mm``."""
+    tiles = _tiles(offsets, tile_rows(ffn, xs.dtype), offsets[-1] if offsets else 0, len(offsets))
+    tile = max((e - s for _, s, e in tiles), default=0)
+    hb = pooled_empty(tile, width, xs) if saved is None else None
+    ab = pooled_empty(tile, ffn, xs)
     for g, s, e in tiles:
-        h = saved[s:e] if save else hb[:e - s]
-        xg = xs[s:e]
-        _first_layer(xg, w1, w3, g, t1, t3, glu, ffn, h)
+        h = saved[s:e] if saved is not None else hb[:e - s]
+        _first_layer(xs[s:e], w1, w3, g, t1, t3, glu, ffn, h)
         a = _activate(native, activation, h, ffn, glu, ab[:e - s])
         torch.mm(a, _w(w2, g, t2), out=ys[s:e])
-    out.index_add_(0, index, ys.mul_(weight_N[:used, None]))
-    return out, saved
+    ys.mul_(weight_N[:, None])
 
 
 def _accumulate(dst: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
@@ -226,17 +261,34 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
     dweight = torch.zeros_like(weight_N)
     dw1, dw3, dw2 = _grad_like(w1), _grad_like(w3), _grad_like(w2)
     offsets = offsets_S.tolist()
-    tiles = _tiles(offsets, tile_rows(ffn, x_TD.dtype), index_N.shape[0], groups)
-    tile = max((e - s for _, s, e in tiles), default=0)
+    check_offsets(offsets, index_N.shape[0], groups, "moecc::expert_ffn")
     native = _native(activation, x_TD)
     used = offsets[-1] if offsets else 0
     index = index_N[:used]
     xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
     gs = torch.index_select(grad_TD, 0, index, out=pooled_empty(used, grad_TD.shape[1], x_TD))
     dxs = pooled_empty(used, x_TD.shape[1], x_TD)
-    ab = pooled_empty(tile, ffn, x_TD)
-    dab = pooled_empty(tile, ffn, x_TD)
-    dhb = pooled_empty(tile, width, x_TD)
+    path, key = _path("backward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
+    with cpu_grouped.Timer(key, path):
+        if path == "grouped":
+            cpu_grouped.backward(xs, gs, saved, weight_N, dweight, dxs, offsets_S, w1, w3, w2, dw1, dw3, dw2, flags,
+                                 activation, lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype))
+        else:
+            _backward_per_expert(xs, gs, saved, weight_N, dweight, dxs, offsets, w1, w3, w2, dw1, dw3, dw2, native,
+                                 activation, t1, t3, t2, glu, ffn, width)
+        dx.index_add_(0, index, dxs)
+    return dx, dweight, dw1, dw3, dw2
+
+
+def _backward_per_expert(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: Tensor, dxs: Tensor,
+                         offsets: list[int], w1, w3, w2, dw1, dw3, dw2, native, activation: str, t1: bool, t3: bool,
+                         t2: bool, glu: int, ffn: int, width: int) -> None:
+    """The backward tile by tile as in :func:`_forward_per_expert`, weight gradients accumulated per group."""
+    tiles = _tiles(offsets, tile_rows(ffn, xs.dtype), offsets[-1] if offsets else 0, len(offsets))
+    tile = max((e - s for _, s, e in tiles), default=0)
+    ab = pooled_empty(tile, ffn, xs)
+    dab = pooled_empty(tile, ffn, xs)
+    dhb = pooled_empty(tile, width, xs)
     started: set[int] = set()
     for g, s, e in tiles:
         n = e - s
@@ -260,13 +312,11 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
         else:
             _accumulate_weight(dw1, g, t1, xg, dh, first)
             torch.mm(dh, _w(w1, g, t1).t(), out=dxs[s:e])
-    dx.index_add_(0, index, dxs)
     for g in range(len(offsets)):
         if g not in started:  # an empty group: its weights took no part
             for grads in (dw1, dw3, dw2):
                 if grads:
                     group_weight(grads, g).zero_()
-    return dx, dweight, dw1, dw3, dw2
 
 
 def _activation_grads(activation: str, h: Tensor, da: Tensor, a: Tensor, w: Tensor, dweight: Tensor, dh: Tensor,
