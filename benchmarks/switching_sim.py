@@ -44,9 +44,17 @@ Mapping the 16-expert CPU trace to a cluster (printed with the results; all of i
 - machine: the datasheet profiles are 8 nodes of 8 GPUs; at 1024 GPUs the same per-GPU numbers and per-GPU links
   are used with 128 nodes (a non-blocking fabric: inter-node bandwidth per GPU does not drop with scale).
 
-What the formulas do not see: the all-to-all is priced by the busiest receiver over all R ranks (no hierarchy,
-no locality for a replica in the sender's EP group), the dense part of the model is not simulated (these are MoE
+What the placement formulas do not see: the all-to-all is priced by the busiest receiver over all R ranks (no
+locality for a replica in the sender's EP group), the dense part of the model is not simulated (these are MoE
 layer times), and the datasheet GEMM curve is an assumption, not a measurement (see the profiles' ``source``).
+
+The exchange as a plan dimension (issue 16): a last table prices each layer's step with the whole-step model
+(``costmodel/step.py``: router, permutes, host ops, every exchange and the backward) for the baseline placement and
+the planner's pool (online members), with the flat exchange back to back, the best overlap chunks (flat), Tutel's
+2-D exchange, the chooser's pick between those (``moecc.overlap_chunks="auto"``) and a chunked 2-D exchange that
+the formulas price but the dispatch does not run, and what each saves over the flat exchange. Their step terms
+(per-op cost, permute bandwidth, overlap efficiency, per-peer latency) are datasheet assumptions, said so in the
+profiles' notes.
 
     python benchmarks/switching_sim.py                     # 40 s per trace layer on 2 cores
     python benchmarks/switching_sim.py --trace T.json --gpus 64 --profiles h100-sxm-8x
@@ -80,6 +88,7 @@ from moecc.costmodel.greedy import greedy_placement, static_placement
 from moecc.costmodel.placement import EMPTY, Placement, Pool, SlotLayout, placement_from_ranks
 from moecc.costmodel.planner import simulate_online, simulate_pool
 from moecc.costmodel.profile import Profile, builtin_profile
+from moecc.costmodel.step import LayerWork, step_breakdown
 from moecc.costmodel.switching import decide_switch
 from moecc.costmodel.workload import TraceError, Workload, load_trace, window_loads, zipf_trace
 
@@ -289,7 +298,8 @@ def make_scenario(rows: tuple[tuple[float, ...], ...], *, gpus: int, split: int,
                     greedy_W=[greedy_placement(layout, load_E) for load_E in load_WE])
 
 
-def simulate_layer(sc: Scenario, model: CostModel, *, pool_size: int, time_limit_s: float) -> dict:
+def simulate_layer(sc: Scenario, model: CostModel, *, pool_size: int, time_limit_s: float,
+                   work: LayerWork | None = None, node_size: int = 8) -> dict:
     """Every strategy over one layer's scaled trace with one compiled model (profile x GPU count); seconds.
 
     ``compare`` plans the pools from the per-step rows (each window's row repeated for its steps, so its windows
@@ -305,6 +315,13 @@ def simulate_layer(sc: Scenario, model: CostModel, *, pool_size: int, time_limit
     base_s = simulate_pool(Pool(layout=layout, placements=(base,)), load_WE, steps_W, model).expected_step_s
     planner = pool_numbers(result.plan.pool, load_WE, steps_W, model)
     planner.update(solve_s=result.plan.solve_s, status=result.plan.status, gap=result.plan.gap)
+    exchange = {}
+    if work is not None:
+        pool = result.plan.pool
+        exchange = {"baseline": exchange_study(model.profile, work, [base] * len(load_WE), load_WE, steps_W, node_size),
+                    "planner_pool": exchange_study(model.profile, work,
+                                                   [pool.placements[k] for k in planner["online_plan_per_window"]],
+                                                   load_WE, steps_W, node_size)}
     return {
         "experts": E, "ranks": layout.ranks, "slots_per_rank": layout.slots_per_rank, "windows": len(load_WE),
         "rows_per_step": sum(load_WE[0]), "baseline": base_name, "baseline_step_s": base_s,
@@ -314,7 +331,57 @@ def simulate_layer(sc: Scenario, model: CostModel, *, pool_size: int, time_limit
         # a reference, not a strategy: every window on the greedy placement of its own loads, switches free
         "free_replan_step_s": statistics.mean(model.step_s(p, load_E) for p, load_E in zip(sc.greedy_W, load_WE)),
         "compare_wall_s": compare_s,
+        "exchange": exchange,
     }
+
+
+# -- the exchange as a plan dimension (issue 16) -------------------------------------------------------------------
+
+CHUNK_CHOICES = (1, 2, 3, 4, 6, 8)
+EXCHANGES = (("flat", "flat, no overlap"), ("overlap", "overlap only"), ("2d", "2-D only"),
+             ("chooser", "chooser (overlap or 2-D)"), ("both", "chunked 2-D (not implemented)"))
+
+
+def exchange_study(profile: Profile, work: LayerWork, placements: list[Placement], load_WE: list[list[float]],
+                   steps_W: list[int], node_size: int) -> dict:
+    """The whole-step model (costmodel/step.py) over the windows with each exchange the dispatch could run.
+
+    Each choice is made once per layer, as ``moecc.overlap_chunks="auto"`` does at compile time, on the mean load
+    of the windows, then priced on every window with its placement: the flat exchange back to back (moecc before
+    issue 16), the best number of overlap chunks (flat), the 2-D exchange (unchunked), the chooser's pick between
+    those (``step.choose_exchange``'s rule), and what a chunked 2-D exchange would bring (the formulas allow it;
+    the dispatch runs chunks over the flat exchange only). Seconds per step, switches not included.
+    """
+    ranks = placements[0].layout.ranks
+    mean_E = [sum(col) / len(col) for col in zip(*load_WE)]
+
+    def priced(chunks: int, hierarchical: bool) -> float:
+        total = sum(step_breakdown(profile, work, ranks, load=load_E, placement=p, chunks=chunks,
+                                   hierarchical=hierarchical, node_size=node_size).total_s * steps
+                    for p, load_E, steps in zip(placements, load_WE, steps_W))
+        return total / sum(steps_W)
+
+    def on_mean(chunks: int, hierarchical: bool):
+        return step_breakdown(profile, work, ranks, load=mean_E, placement=placements[0], chunks=chunks,
+                              hierarchical=hierarchical, node_size=node_size)
+
+    flat = {c_: on_mean(c_, False) for c_ in CHUNK_CHOICES}
+    two_d = {c_: on_mean(c_, True) for c_ in CHUNK_CHOICES}
+    best_overlap = min(CHUNK_CHOICES[1:], key=lambda c_: flat[c_].total_s)
+    best_both = min(CHUNK_CHOICES, key=lambda c_: two_d[c_].total_s)
+    plain = flat[1].total_s
+    candidates = [(flat[1].total_s, 1, False), (flat[best_overlap].total_s, best_overlap, False),
+                  (two_d[1].total_s, 1, True)]
+    pick = min(candidates)
+    if pick[0] > plain * 0.98:  # choose_exchange's margin: a more complicated exchange must win by 2%
+        pick = candidates[0]
+    configs = {"flat": (1, False), "overlap": (best_overlap, False), "2d": (1, True), "chooser": pick[1:],
+               "both": (best_both, True)}
+    out = {key: {"chunks": c_, "hierarchical": h, "step_s": priced(c_, h)} for key, (c_, h) in configs.items()}
+    bd = flat[1]
+    out["terms_flat_s"] = {"experts": bd.expert_compute_s, "exchanges": bd.exchange_s + bd.counts_s,
+                           "router_permutes_host": bd.router_s + bd.permute_s + bd.host_s}
+    return out
 
 
 # -- output -------------------------------------------------------------------------------------------------------
@@ -380,6 +447,36 @@ def switch_table(cases: list[dict], title: str) -> Table:
     return table
 
 
+def _exchange_note(choice: dict) -> str:
+    return f" (c={choice['chunks']}{', 2-D' if choice['hierarchical'] else ''})"
+
+
+def exchange_table(cases: list[dict], title: str) -> Table:
+    """The exchange as a plan dimension: per case and layer, ms per step with each exchange, what it saves."""
+    table = Table(title=title)
+    for col in ("GPUs", "profile", "layer", "placement", "experts / exchanges / rest ms (flat)",
+                *(label for _, label in EXCHANGES), "overlap saves", "2-D saves", "chooser saves"):
+        table.add_column(col, justify="left" if col in ("profile", "layer", "placement") else "right")
+    for case in cases:
+        items = list(case["layers"].items())
+        for i, (name, r) in enumerate(items):
+            for j, (key, label) in enumerate((("baseline", r["baseline"]), ("planner_pool", "planner pool"))):
+                ex = r["exchange"].get(key)
+                if not ex:
+                    continue
+                flat = ex["flat"]["step_s"]
+                cells = [f"{1e3 * ex[k]['step_s']:.2f}" + (_exchange_note(ex[k]) if k in ("chooser", "both")
+                                                           else f" (c={ex[k]['chunks']})" if k == "overlap" else "")
+                         for k, _ in EXCHANGES]
+                terms = ex["terms_flat_s"]
+                table.add_row(str(case["gpus"]), case["profile"], name, label,
+                              f"{1e3 * terms['experts']:.2f} / {1e3 * terms['exchanges']:.2f} / "
+                              f"{1e3 * terms['router_permutes_host']:.2f}", *cells,
+                              *(f"{100 * (1 - ex[k]['step_s'] / flat):.1f}%" for k in ("overlap", "2d", "chooser")),
+                              end_section=(i == len(items) - 1 and j == 1))
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
@@ -415,6 +512,8 @@ def main() -> int:
     dims = ExpertDims(d_model=args.d_model, d_ffn=args.d_ffn, act_bytes=2, param_bytes=2, state_bytes_per_param=12,
                       training=True)
     E = workload.num_experts * args.split
+    work = LayerWork(tokens=args.tokens_per_gpu, d_model=dims.d_model, d_ffn=dims.d_ffn, top_k=top_k, num_experts=E,
+                     act_bytes=dims.act_bytes, param_bytes=dims.param_bytes, training=True)
     mapping = {
         "trace": source, "trace_experts": workload.num_experts,
         "trace_windows": {k: len(v) for k, v in layers_in.items()},
@@ -451,7 +550,8 @@ def main() -> int:
             layers = {}
             for layer, sc in scenarios.items():
                 t0 = time.perf_counter()
-                layers[layer] = simulate_layer(sc, model, pool_size=args.pool, time_limit_s=args.time_limit)
+                layers[layer] = simulate_layer(sc, model, pool_size=args.pool, time_limit_s=args.time_limit,
+                                               work=work, node_size=model.profile.devices_per_node)
                 console.print(f"  {gpus} GPUs {name} {layer}: {time.perf_counter() - t0:.1f} s", style="dim")
             cases.append({"gpus": gpus, "profile": name, "layers": layers, "mean": mean_row(layers)})
 
@@ -460,6 +560,14 @@ def main() -> int:
                                     "included (pools: online (oracle))"))
     console.print(switch_table(cases, "Switching and solving (online; g/p/r = greedy pool / planner pool / "
                                       "runtime re-plan)"))
+    console.print(exchange_table(cases, "The exchange as a plan dimension: whole-step model (costmodel/step.py), "
+                                        "ms per MoE layer step without switches; each choice made once per layer "
+                                        "on the mean load"))
+    console.print("overlap: the best of 2..8 chunks over the flat exchange; 2-D: Tutel's hierarchical exchange "
+                  "(within the node, then between ranks of the same local index), unchunked; chooser: the better "
+                  "of the two if it saves 2% (moecc.overlap_chunks='auto'); chunked 2-D: both at once, which the "
+                  "formulas price but the dispatch does not run. Step terms of the datasheet profiles are "
+                  "assumptions (their notes say which).")
     console.print(f"online: before each window the member is chosen from the previous window's loads with a "
                   f"{args.steps_per_row}-step horizon (planner.choose_member, as moecc.runtime decides); oracle: the "
                   f"best member per window, knowing its loads. Pools are planned on the trace they are replayed on.")

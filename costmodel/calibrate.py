@@ -133,7 +133,9 @@ def measure_all_to_all(sizes=(1 << 8, 1 << 14, 1 << 18, 1 << 20, 1 << 22), *, de
 
     Fitted as ``t = latency + bytes_received / bandwidth`` by least squares over the message sizes (bytes a rank
     sends in all, its own share included; the fit is on the bytes received from the others). The smallest size is
-    the counts exchange's: a call's latency with every peer in it.
+    the counts exchange's: a call's latency with every peer in it. Each call starts from a barrier, writes a fresh
+    output and reads the next of several inputs (as in a step), and counts the median over calls of the rank
+    that saw it shortest (the last to arrive: its time is the exchange, the others' includes waiting for it).
     """
     import torch
     import torch.distributed as dist
@@ -144,15 +146,19 @@ def measure_all_to_all(sizes=(1 << 8, 1 << 14, 1 << 18, 1 << 20, 1 << 22), *, de
     xs, ys = [], []
     for size in sizes:
         numel = max(world, size // 4 // world * world)
-        send = torch.ones(numel, device=device)
-        recv = torch.empty_like(send)
-        def run():
-            dist.all_to_all_single(recv, send)
-        run()
-        dist.barrier()
-        t = timeit(run, repeats=5, clock=time.perf_counter)  # waiting on peers is the cost
+        sends = [torch.ones(numel, device=device) for _ in range(max(1, min(16, (64 << 20) // (4 * numel))))]
+        times = []
+        for i in range(23):
+            dist.barrier()
+            t0 = time.perf_counter()
+            recv = torch.empty(numel, device=device)  # a fresh output, as the dispatch's exchange allocates one
+            dist.all_to_all_single(recv, sends[i % len(sends)])
+            times.append(time.perf_counter() - t0)
+        # the time the last rank to arrive sees: the exchange itself, not a peer's lateness
+        last = torch.tensor([statistics.median(times[3:])])
+        dist.all_reduce(last, op=dist.ReduceOp.MIN)
         xs.append(numel * 4 * (world - 1) / world)
-        ys.append(t)
+        ys.append(float(last.item()))
     slope, intercept = _least_squares(xs, ys)
     return Link(bandwidth_Bps=1.0 / max(slope, 1e-15), latency_s=max(intercept, 0.0))
 
@@ -224,20 +230,32 @@ def measure_overlap_efficiency(*, compute_s: float = 0.03, exchange_bytes: int =
     return float(agreed.item()) / world
 
 
-def measure_permute_bandwidth(*, device: str = "cpu", dtype: str = "float32", rows: int = 4096,
-                              width: int = 512) -> float:
+def measure_permute_bandwidth(*, device: str = "cpu", dtype: str = "float32", rows: int = 2048,
+                              width: int = 256, copies_bytes: int = 64 << 20) -> float:
     """Bytes per second of moving rows by index, a row read and a row written both counted: the mean over a
     gather (``index_select`` into a new tensor, as the dispatch's gathers allocate) and a scatter-add into zeros
-    (the combine and the gathers' backwards)."""
+    (the combine and the gathers' backwards). Each call reads the next of several copies of the rows
+    (``copies_bytes`` in all, more than a cache holds): in a step the rows arrive from memory, the experts' weights
+    having just streamed through the caches (a cached copy measured 19.7 GB/s here, the step's gathers 12)."""
     import torch
 
     dt = getattr(torch, dtype)
-    x = torch.randn(rows, width, dtype=dt, device=device)
+    copies = [torch.randn(rows, width, dtype=dt, device=device)
+              for _ in range(max(1, copies_bytes // (rows * width * torch.finfo(dt).bits // 8)))]
     idx = torch.randperm(rows, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    t_gather = timeit(lambda: (x.index_select(0, idx), sync()))
-    t_scatter = timeit(lambda: (torch.zeros_like(x).index_add_(0, idx, x), sync()))
-    moved = 2 * x.numel() * x.element_size()
+    turn = iter(range(1 << 62))
+
+    def gather():
+        copies[next(turn) % len(copies)].index_select(0, idx)
+        sync()
+
+    def scatter():
+        x = copies[next(turn) % len(copies)]
+        torch.zeros_like(x).index_add_(0, idx, x)
+        sync()
+    t_gather, t_scatter = timeit(gather), timeit(scatter)
+    moved = 2 * copies[0].numel() * copies[0].element_size()
     return 2 * moved / (t_gather + t_scatter)
 
 
