@@ -35,6 +35,13 @@ class Options:
     """A ``moecc.costmodel.placement.Placement``, or a list per rank of the expert in each slot (-1: empty)."""
     capacity_factor: float | None = None
     """Drop the routed rows past ``ceil(f * rows / E)`` per expert on each rank (GShard); None: dropless."""
+    overlap_chunks: Any = 1
+    """Expert parallelism: split each layer's routed rows into this many chunks, so that one chunk's experts run
+    while the next one's rows are in flight (forward and backward); 1: no overlap; "auto": the cost model picks
+    per layer."""
+    node_size: int | None = None
+    """Expert parallelism: ranks per node for the 2-D hierarchical all-to-all (within a node, then across nodes);
+    default ``LOCAL_WORLD_SIZE`` under torchrun when it splits the group into several nodes, else flat."""
     pool: Any = None
     """A ``moecc.costmodel.placement.Pool`` the runtime switches within (default: current vs a greedy re-plan)."""
     inductor: dict = field(default_factory=dict)
@@ -56,6 +63,13 @@ class Options:
         spr = ours.get("slots_per_rank")
         if spr is not None and (isinstance(spr, bool) or not isinstance(spr, int) or spr < 1):
             raise ValueError(f"moecc: option {PREFIX}slots_per_rank must be a positive int, got {spr!r}")
+        chunks = ours.get("overlap_chunks")
+        if chunks is not None and chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int)
+                                                        or chunks < 1):
+            raise ValueError(f"moecc: option {PREFIX}overlap_chunks must be a positive int or 'auto', got {chunks!r}")
+        nodes = ours.get("node_size")
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
+            raise ValueError(f"moecc: option {PREFIX}node_size must be a positive int, got {nodes!r}")
         factor = ours.get("capacity_factor")
         if factor is not None:
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or math.isnan(factor) or factor <= 0:
