@@ -1,15 +1,18 @@
 """``moecc.report()``: what the backend did, rendered with rich, at two levels of detail.
 
 * ``moecc.report()``: the one-screen summary, one row per MoE block (graph, path, form, spec, weights, outcome,
-  node counts before and after the rewrite; under expert parallelism the experts per rank and the rows sent).
+  node counts before and after the rewrite; under expert parallelism the experts per rank and the rows sent, and
+  once the runtime's monitor has checked a window, the rows this rank sent to and received from each rank on the
+  step that check read).
 * ``moecc.report(detail="graph")`` or ``Report.block(path)``: each block's part of the graph before and after,
   stage by stage (router, dispatch, experts, combine, shared experts), every node with its op, target, shapes and
   dtypes (``passes/graph_view.py`` makes this data at compile time); a fallback's region with the node where
   matching stopped marked, and the reason.
 
 The output is deterministic: no addresses and no timings unless asked (``timings=True`` adds the rewrite check
-times and the measured times of switches; predicted against measured layer times show when the runtime recorded
-them), so two runs can be diffed. ``save_html`` writes every section, each folded in a ``<details>``.
+times, the measured times of switches, and the cost model's predicted layer time beside the measured one where the
+runtime recorded them: ``moecc.attach(optimizer, time_layers=True)``), so two runs can be diffed. Row counts are
+deterministic for a fixed input and show always. ``save_html`` writes every section, each folded in a ``<details>``.
 
 The rows come from the sessions (``moecc/sessions.py``): one model's with ``moecc.report(model)``, every model's
 of the process without an argument.
@@ -31,10 +34,11 @@ _STATUS_STYLE = {"kept": "dim", "removed": "red", "added": "green"}
 
 @dataclass(slots=True)
 class LayerTiming:
-    """One block's layer time under expert parallelism: the cost model's prediction beside a measurement.
+    """One block's time on one step (forward and backward): the cost model's prediction beside a measurement.
 
-    Filled by the runtime (the profiler's moecc op times, or a timer around the layer when asked); the report
-    shows the ones it is given and never measures anything itself.
+    Filled by the runtime when asked (``moecc.attach(optimizer, time_layers=True)``: the profiler's times of the
+    layer's moecc ops, see ``runtime.measure_step``); the report shows the ones it is given and never measures
+    anything itself.
     """
 
     block: str  # the block's module path
@@ -42,6 +46,22 @@ class LayerTiming:
     measured_s: float | None = None
     source: str = ""  # how it was measured: "profiler", "timer"
     step: int | None = None
+
+
+@dataclass(slots=True)
+class RowCounts:
+    """Under expert parallelism, the routed rows one layer on this rank exchanged with each rank on one step.
+
+    Filled by the runtime at each monitor check (``runtime.measure_step``) for the step the check reads; includes
+    the rows a rank keeps for itself (``sent_R[rank]``), as ``BlockResult.send_rows`` does.
+    """
+
+    block: str  # the block's module path
+    rank: int  # this rank in the layer's expert-parallel group
+    step: int  # the optimizer step whose forward routed these rows
+    sent_R: list[int]  # rows this rank sent to each rank
+    received_R: list[int]  # rows this rank received from each rank
+    experts_R: list[list[int]] = field(default_factory=list)  # the expert in each slot of every rank (-1: empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +85,7 @@ class Report:
     switches: list = field(default_factory=list)  # moecc.runtime.SwitchRecord, oldest first
     timings: list = field(default_factory=list)  # LayerTiming, when the runtime recorded them
     memory: list = field(default_factory=list)  # per sharded layer on this rank: Session.memory() rows
+    exchanges: list = field(default_factory=list)  # RowCounts, the latest per expert-parallel layer
     detail: str = "summary"  # or "graph": each block's graph view after the summary
     show_timings: bool = False  # check times and measured switch times (they change from run to run)
 
@@ -121,9 +142,22 @@ class Report:
             table.add_row(*row)
         return table
 
+    def exchange_table(self) -> Table:
+        """Rows each expert-parallel layer on this rank sent to and received from every rank (one step)."""
+        table = Table(title=f"moecc: routed rows exchanged by rank {self.exchanges[0].rank} on the step the monitor "
+                            "last checked (forward; the backward sends the same rows back)")
+        for col in ("block", "step", "with rank", "its experts (slots)", "rows sent to it", "rows received from it"):
+            table.add_column(col, overflow="fold")
+        for x in self.exchanges:
+            for q, (sent, received) in enumerate(zip(x.sent_R, x.received_R)):
+                experts = str(x.experts_R[q]) if q < len(x.experts_R) else ""
+                table.add_row(x.block or "<root>", str(x.step), str(q), experts, str(sent), str(received))
+        return table
+
     def timing_table(self) -> Table:
         """Predicted against measured layer time, per block (only what the runtime recorded)."""
-        table = Table(title="moecc: predicted vs measured layer time")
+        table = Table(title="moecc: predicted vs measured layer time (forward and backward of one step; measured: "
+                            "its moecc ops in the profiler, the slowest rank's under expert parallelism)")
         for col in ("block", "step", "predicted", "measured", "measured / predicted", "measured by"):
             table.add_column(col, overflow="fold")
         for t in self.timings:
@@ -144,9 +178,11 @@ class Report:
         return table
 
     def summary(self, hint: bool = False) -> Group:
-        """The one-screen part: the block table, and the switch, memory and timing tables when there is anything
-        in them."""
+        """The one-screen part: the block table, and the exchange, memory, switch and timing tables when there is
+        anything in them (``report()`` passes timings only with ``timings=True``)."""
         parts = [self.table(hint)]
+        if self.exchanges:
+            parts.append(self.exchange_table())
         if self.memory:
             parts.append(self.memory_table())
         if self.switches:
@@ -165,15 +201,19 @@ class Report:
         if not found:
             known = ", ".join(b.spec.path or "<root>" for b in self.blocks) or "none"
             raise KeyError(f"moecc: no MoE block at {path or '<root>'!r}; the report's blocks: {known}")
-        return Printable(Group(*(block_section(b) for b in found)))
+        return Printable(Group(*(block_section(b, self._exchange(b)) for b in found)))
 
     def graph_views(self) -> Printable:
-        return Printable(Group(*(block_section(b) for b in self.blocks)))
+        return Printable(Group(*(block_section(b, self._exchange(b)) for b in self.blocks)))
 
     def sections(self) -> list[tuple[str, object]]:
         """(title, renderable) for every section, in order: the summary, then one per block."""
-        return [("moecc report: summary", self.summary())] + [(_block_title(b), block_section(b))
+        return [("moecc report: summary", self.summary())] + [(_block_title(b), block_section(b, self._exchange(b)))
                                                               for b in self.blocks]
+
+    def _exchange(self, b):
+        """The latest RowCounts of block ``b`` (by module path), or None."""
+        return next((x for x in reversed(self.exchanges) if x.block == b.spec.path), None)
 
     # --- output --------------------------------------------------------------------------------------------
 
@@ -243,9 +283,10 @@ def _block_title(b) -> str:
     return f"{b.spec.path or '<root>'} ({b.graph}): {outcome}" + (f", nodes {counts}" if counts else "")
 
 
-def block_section(b) -> Group:
+def block_section(b, exchange=None) -> Group:
     """One block's graph view: a title, a table of its stages (original | rewritten), the plan under expert
-    parallelism, and for a fallback the reason."""
+    parallelism (with ``exchange``, a RowCounts: the rows of the runtime's last recorded step), and for a fallback
+    the reason."""
     view = getattr(b, "view", None)
     parts = [Text(_block_title(b), style="bold green" if b.rewritten else "bold yellow")]
     if view is None:
@@ -255,7 +296,7 @@ def block_section(b) -> Group:
     else:
         parts.append(stage_table(view))
     if b.layout:
-        parts.append(plan_table(b))
+        parts.append(plan_table(b, exchange))
     if not b.rewritten:
         stopped = view.stopped if view is not None else ()
         where = ", ".join(stopped) if stopped else "the reason names no node: the whole region stays"
@@ -309,19 +350,20 @@ def _call(node) -> str:
     return node.target
 
 
-def plan_table(b) -> Table:
-    """Expert parallelism: the experts each rank's slots hold and the rows it sent on the compile step (and
-    received, when the runtime records that)."""
-    table = Table(title=f"plan: {b.spec.path or '<root>'}", title_justify="left")
-    received = getattr(b, "recv_rows", None)
-    for col in ("rank", "experts (slots)", "rows sent to it", *(["rows received from it"] if received else [])):
+def plan_table(b, exchange=None) -> Table:
+    """Expert parallelism: the experts each rank's slots hold and the rows this rank sent to it on the compile step,
+    or with ``exchange`` (a RowCounts) the rows sent to and received from it on the runtime's last recorded step."""
+    when = f"step {exchange.step}" if exchange is not None else "the compile step"
+    table = Table(title=f"plan: {b.spec.path or '<root>'} (rows of {when})", title_justify="left")
+    cols = ["rank", "experts (slots)", "rows sent to it"] + (["rows received from it"] if exchange else [])
+    for col in cols:
         table.add_column(col)
     per_rank = [part.split(": ", 1)[-1] for part in b.layout.split("; ")]
-    sent = b.send_rows or []
+    sent = exchange.sent_R if exchange is not None else (b.send_rows or [])
     for r, experts in enumerate(per_rank):
         row = [str(r), experts, str(sent[r]) if r < len(sent) else ""]
-        if received:
-            row.append(str(received[r]) if r < len(received) else "")
+        if exchange is not None:
+            row.append(str(exchange.received_R[r]) if r < len(exchange.received_R) else "")
         table.add_row(*row)
     return table
 
@@ -346,13 +388,16 @@ def console(width: int = 160, quiet: bool = False) -> Console:
 def report(model=None, detail: str = "summary", timings: bool = False) -> Report:
     """What moecc did for ``model`` (the module given to ``torch.compile``, or what it returned), or without a
     model, for every model of this process so far. ``detail="graph"`` adds each block's graph view;
-    ``timings=True`` the times that change from run to run."""
+    ``timings=True`` the times that change from run to run (check times, switch times, the runtime's predicted
+    against measured layer times)."""
     from moecc import sessions
 
     if model is not None:
         found = sessions.session(model).report()
-    else:  # (a session's ``timings``: LayerTiming rows, once the runtime records them)
+    else:
         found = Report(sessions.all_blocks(), [r for s in sessions.sessions() for r in s.switch_log],
-                       [t for s in sessions.sessions() for t in getattr(s, "timings", [])],
-                       [m for s in sessions.sessions() for m in s.memory() if m["sharded"]])
-    return Report(found.blocks, found.switches, found.timings, found.memory, detail=detail, show_timings=timings)
+                       [t for s in sessions.sessions() for t in s.timings],
+                       [m for s in sessions.sessions() for m in s.memory() if m["sharded"]],
+                       [x for s in sessions.sessions() for x in s.exchanges])
+    return Report(found.blocks, found.switches, found.timings if timings else [], found.memory, found.exchanges,
+                  detail=detail, show_timings=timings)

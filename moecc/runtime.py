@@ -50,6 +50,8 @@ class SlotLayer:
     optimizers: list = field(default_factory=list)  # the attached optimizers that step this layer's experts
     kinds: list = field(default_factory=list)  # slot_storage.SlotKind per weight kind: what this rank stores
     module_path: str = ""  # the module holding the experts in the user's model (where the slots are registered)
+    timings: list = field(default_factory=list)  # report.LayerTiming per timed step (attach(time_layers=True))
+    exchange: object | None = None  # report.RowCounts of the last checked step (expert parallelism)
 
     @classmethod
     def from_result(cls, result, pool=None, kinds=None) -> SlotLayer:
@@ -495,6 +497,9 @@ class Monitor:
     steps: int = 0
     last_check: float = field(default_factory=time.perf_counter)
     step_times: list = field(default_factory=list)
+    time_layers: bool = False  # profile the step each check reads, for predicted vs measured layer times
+    marks: dict = field(default_factory=dict)  # id(layer) -> its load counter before the step the check reads
+    profiler: object | None = None  # the torch.profiler profiling that step, when time_layers
 
 
 def read_loads(layer: SlotLayer) -> list[float]:
@@ -519,20 +524,26 @@ def candidates(layer: SlotLayer, load_E: list[float]):
     return list(align_pool(Pool(layout=layer.placement.layout, placements=(layer.placement, replan))).placements)
 
 
-def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
-    """(best placement, predicted per-step gain, predicted switch cost), or None to stay."""
+def layer_cost_model(layer: SlotLayer, profile):
+    """The cost model (``costmodel.formulas.CostModel``) of ``layer``'s experts on its layout's ranks."""
     from moecc.costmodel.formulas import ExpertDims, compile_cost_model
-    from moecc.costmodel.switching import LastSwitch, decide_switch
 
-    if layer.config is None or sum(load_E) == 0:
-        return None
     shapes = getattr(layer, "expert_weight_shapes", None)  # one expert's weights: price the expert that runs
     if shapes is not None:
         dims = ExpertDims.from_weights(layer.d_model, shapes, param_bytes=getattr(layer, "param_bytes", 4),
                                        act_bytes=getattr(layer, "act_bytes", 4))
     else:  # a layer that does not record its shapes: SwiGLU of the width its parameter count gives, fp32
         dims = ExpertDims(d_model=layer.d_model, d_ffn=layer.d_ffn, act_bytes=4, param_bytes=4)
-    model = compile_cost_model(profile, dims, layer.placement.layout.ranks)
+    return compile_cost_model(profile, dims, layer.placement.layout.ranks)
+
+
+def decide(layer: SlotLayer, load_E: list[float], interval_steps: int, profile):
+    """(best placement, predicted per-step gain, predicted switch cost), or None to stay."""
+    from moecc.costmodel.switching import LastSwitch, decide_switch
+
+    if layer.config is None or sum(load_E) == 0:
+        return None
+    model = layer_cost_model(layer, profile)
     per_step = [x / interval_steps for x in load_E]
     last = None
     if layer.switch_log:
@@ -554,8 +565,21 @@ def _slowest_rank(seconds: float, layers: list[SlotLayer]) -> float:
 
 
 def after_step(monitor: Monitor, layers: list[SlotLayer], optimizers) -> None:
-    """The monitor's work after an optimizer step: every ``check_every`` steps, read the loads and maybe switch."""
+    """The monitor's work after an optimizer step: every ``check_every`` steps, read the loads and maybe switch.
+
+    The step a check reads is also measured (``measure_step``): under expert parallelism the rows each rank sent
+    and received, and with ``time_layers`` each layer's predicted and measured time.
+    """
     monitor.steps += 1
+    if monitor.marks:
+        measure_step(monitor, layers)
+    _check_window(monitor, layers, optimizers)
+    if (monitor.steps + 1) % monitor.check_every == 0 and (
+            monitor.time_layers or any(layer.config is not None for layer in layers)):
+        mark_step(monitor, layers)
+
+
+def _check_window(monitor: Monitor, layers: list[SlotLayer], optimizers) -> None:
     if monitor.steps == 1:  # the first step compiles: time windows from the end of it
         monitor.last_check = time.perf_counter()
     if monitor.steps % monitor.check_every:
@@ -588,3 +612,190 @@ def save_trace(layers: list[SlotLayer], path: str) -> None:
                        if layer.num_experts == recorded[0].num_experts}}
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+#
+# What the report shows of the plan at run time. The step before each check is marked (``mark_step``, after the
+# previous optimizer step): a copy of every layer's load counter (E numbers on the device, no host sync) and, when
+# ``time_layers``, a torch.profiler started. At the check (``measure_step``, before the counters are read and reset)
+# the counter minus its copy is what that one step routed on this rank, per expert:
+#
+# - rows (expert parallelism): one all_gather of those counts over the layer's group gives every rank's; rank r
+#   sent rank q the rows of r's tokens routed to the experts in q's slots. Exact for experts with one host (every
+#   row of such an expert goes to it); a replicated expert's rows are split by the graph by token position
+#   (``ep.choose_slots``), which the placement's shares give in expectation only (rounded). Rows a capacity factor
+#   drops are counted as sent (the counter counts them before the capacity mask).
+# - times (``time_layers``): predicted, the cost model's ``step_s`` of the layer's placement on the step's loads
+#   summed over ranks (forward and backward, as ``decide`` prices a step); measured, the profiler's times of the
+#   layer's moecc ops in that step (expert FFNs or grouped GEMMs, their backward, sorts, permutations and the
+#   all-to-alls: what the formulas price, plus the small sorts they do not), the slowest rank's under expert
+#   parallelism, as the prediction is. These are host times, exact on CPU; on a GPU they are launch times, not
+#   kernel times. A timer around the block module is not an option under torch.compile: hooks registered after
+#   compiling never run, and a Python dispatch mode makes Dynamo run the model eagerly.
+#
+# The profiled step runs slower (the profiler records every op), and the monitor's window time includes it:
+# timings are for looking, switching decisions see the same overhead in every window.
+
+_ACTIVE_PROFILERS: list = []
+
+
+def mark_step(monitor: Monitor, layers: list[SlotLayer]) -> None:
+    """Before the step the next check reads: copy the load counters; with ``time_layers`` start the profiler."""
+    monitor.marks = {id(layer): layer.buffers["load_counts"].detach().clone() for layer in layers}
+    if monitor.time_layers and monitor.profiler is None:
+        from torch.profiler import ProfilerActivity, profile
+
+        # record_shapes and profile_memory give each op's input tensors with a stable id (``moecc_op_seconds``)
+        monitor.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True)
+        monitor.profiler.start()
+        _ACTIVE_PROFILERS.append(monitor.profiler)
+        _stop_at_exit()
+
+
+def measure_step(monitor: Monitor, layers: list[SlotLayer]) -> None:
+    """At the check after a marked step: record that step's rows (``SlotLayer.exchange``) and, when profiled, each
+    layer's ``LayerTiming`` (``SlotLayer.timings``)."""
+    from moecc.report import LayerTiming
+
+    marks, monitor.marks = monitor.marks, {}
+    seconds = None
+    if monitor.profiler is not None:
+        prof, monitor.profiler = monitor.profiler, None
+        prof.stop()
+        _ACTIVE_PROFILERS.remove(prof)
+        seconds = moecc_op_seconds(prof, layers)
+    for i, layer in enumerate(layers):
+        mark = marks.get(id(layer))
+        if mark is None:
+            continue
+        counts_E = (layer.buffers["load_counts"].detach() - mark).double()
+        if layer.config is not None:
+            gathered_RE = _gather_counts(layer, counts_E)
+            layer.exchange = record_rows(layer, gathered_RE, monitor.steps)
+            load_E = gathered_RE.sum(0).tolist()
+        else:
+            load_E = counts_E.tolist()
+        if seconds is None:
+            continue
+        measured = seconds[i]
+        if layer.config is not None:
+            measured = _slowest_rank(measured, [layer])
+        predicted = layer_cost_model(layer, monitor.profile).step_s(layer.placement, load_E)
+        layer.timings.append(LayerTiming(block=layer.path, predicted_s=predicted, measured_s=measured,
+                                         source="profiler", step=monitor.steps))
+
+
+def _gather_counts(layer: SlotLayer, counts_E: torch.Tensor) -> torch.Tensor:
+    """[R, E]: every rank's routed rows per expert (one all_gather over the layer's group)."""
+    group = layer.group()
+    gathered = [torch.empty_like(counts_E) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, counts_E.contiguous(), group=group)
+    return torch.stack(gathered).cpu()
+
+
+def record_rows(layer: SlotLayer, counts_RE: torch.Tensor, step: int):
+    """``report.RowCounts`` of one step from every rank's routed rows per expert ``counts_RE`` ([R, E]) and the
+    layer's placement: rank r sends rank q ``sum_e counts_RE[r, e] * share of e's rows on q``."""
+    from moecc.report import RowCounts
+
+    p = layer.placement
+    k = p.layout.slots_per_rank
+    share_RE = torch.zeros(p.layout.ranks, layer.num_experts, dtype=torch.float64)
+    for s, (e, share) in enumerate(zip(p.expert_S, p.share_S)):
+        if e >= 0:
+            share_RE[s // k, e] += share
+    rows_RR = (counts_RE.double() @ share_RE.T).round().long()  # [from rank, to rank]
+    me = layer.config.rank
+    return RowCounts(block=layer.path, rank=me, step=step, sent_R=rows_RR[me].tolist(),
+                     received_R=rows_RR[:, me].tolist(), experts_R=p.experts_per_rank())
+
+
+def moecc_op_seconds(prof, layers: list[SlotLayer]) -> list[float]:
+    """Seconds of each layer's moecc ops in the profile ``prof`` (see ``attribute_ops`` for which op is whose)."""
+    from torch._C._profiler import _EventType
+
+    owner = {}  # storage address of an expert weight -> its layer
+    for i, layer in enumerate(layers):
+        for t in layer.params + layer.experts.all():
+            if t.numel() and t.untyped_storage().data_ptr():
+                owner[t.untyped_storage().data_ptr()] = i
+    ops, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.TorchOp and event.name.startswith("moecc::"):  # its children are its own time
+            ops.append(event)
+        else:
+            stack.extend(event.children)
+    found = []
+    for event in sorted(ops, key=lambda e: e.start_time_ns):
+        tensors = [t for x in event.extra_fields.inputs for t in (x if isinstance(x, list) else [x])
+                   if hasattr(t, "storage_data_ptr")]
+        layer = next((owner[t.storage_data_ptr] for t in tensors if t.storage_data_ptr in owner), None)
+        ids = {t.id for t in tensors if t.id is not None and not t.dtype.is_floating_point}
+        found.append((event.duration_time_ns * 1e-9, layer, ids))
+    return attribute_ops(found, len(layers))
+
+
+def attribute_ops(ops: list[tuple[float, int | None, set[int]]], layers: int) -> list[float]:
+    """Seconds per layer of one step's moecc ops, given in call order as (seconds, the layer whose expert weights
+    the op reads or None, ids of its integer tensor inputs).
+
+    Ops that use the same integer tensor (slot ids, orders, offsets, row counts: inputs only, the profiler does not
+    list outputs) are one layer's, forward and backward: the all-to-all that returns a layer's rows reuses the
+    counts of the one that sent them, a backward reuses what its forward saved. Such a group is the layer's whose
+    expert weights one of its ops reads; a group with no such op (the route and dispatch under expert
+    parallelism: their tensors are outputs of one op and inputs of the next) is the layer's whose weights are read
+    first after the group's first op, since a layer routes and dispatches before its experts run. Where a group
+    names two layers (a tensor id the profiler reused), each of its ops goes by that order rule alone.
+    """
+    parent = list(range(len(ops)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    last_user: dict[int, int] = {}
+    for i, (_, _, ids) in enumerate(ops):
+        for t in ids:
+            if t in last_user:
+                a, b = root(i), root(last_user[t])
+                parent[max(a, b)] = min(a, b)  # the root of a group is its first op
+            last_user[t] = i
+    labels: dict[int, set[int]] = {}
+    for i, (_, layer, _) in enumerate(ops):
+        if layer is not None:
+            labels.setdefault(root(i), set()).add(layer)
+
+    def next_read(i: int) -> int | None:
+        later = [ops[j][1] for j in range(i, len(ops)) if ops[j][1] is not None]
+        earlier = [ops[j][1] for j in range(i) if ops[j][1] is not None]
+        return (later or earlier[-1:] or [None])[0]
+
+    seconds = [0.0] * layers
+    for i, (sec, layer, _) in enumerate(ops):
+        if layer is None:
+            named = labels.get(root(i), set())
+            layer = next(iter(named)) if len(named) == 1 else next_read(root(i) if not named else i)
+        if layer is not None:
+            seconds[layer] += sec
+    return seconds
+
+
+_exit_hook = []
+
+
+def _stop_at_exit() -> None:
+    """Once per process: stop profilers still running at exit (training ended between a mark and its check)."""
+    if not _exit_hook:
+        import atexit
+
+        def stop():
+            for prof in list(_ACTIVE_PROFILERS):
+                prof.stop()
+            _ACTIVE_PROFILERS.clear()
+
+        atexit.register(stop)
+        _exit_hook.append(stop)

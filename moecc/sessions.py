@@ -172,8 +172,8 @@ class Session:
         """This model's report (``moecc.report(model)``)."""
         from moecc.report import Report
 
-        return Report(list(self.blocks), [r for layer in self.layers for r in layer.switch_log],
-                      memory=[m for m in self.memory() if m["sharded"]])
+        return Report(list(self.blocks), [r for layer in self.layers for r in layer.switch_log], self.timings,
+                      memory=[m for m in self.memory() if m["sharded"]], exchanges=self.exchanges)
 
     # The runtime's operations, on this model's layers.
     def sync_expert_grads(self, average: bool = False) -> None:
@@ -191,6 +191,18 @@ class Session:
     @property
     def switch_log(self) -> list:
         return [r for layer in self.layers for r in layer.switch_log]
+
+    @property
+    def timings(self) -> list:
+        """``report.LayerTiming`` rows the runtime recorded (``attach(optimizer, time_layers=True)``), oldest first
+        per layer."""
+        return [t for layer in self.layers for t in layer.timings]
+
+    @property
+    def exchanges(self) -> list:
+        """``report.RowCounts``: the rows each expert-parallel layer on this rank sent and received on the step its
+        monitor last checked."""
+        return [layer.exchange for layer in self.layers if layer.exchange is not None]
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
@@ -334,19 +346,25 @@ def save_trace(model: torch.nn.Module, path: str) -> None:
 
 
 def attach(optimizer: torch.optim.Optimizer, *, average: bool = False, check_every: int = 50,
-           switching: bool = True, profile=None):
+           switching: bool = True, profile=None, time_layers: bool = False):
     """Hook moecc's runtime onto ``optimizer``: gradient upkeep before each step; every ``check_every`` steps
     after a step, read the loads (kept for ``save_trace``) and switch placement when the cost model says it pays
     (``switching=False`` keeps the placement). ``profile`` is a costmodel ``Profile`` (default: the shipped CPU
     profile). The layers are those whose experts the optimizer steps, found at each step, so ``attach`` may come
     before the first compiled call. Returns the two hook handles.
+
+    Under expert parallelism each check also records the rows every layer on this rank sent to and received from
+    each rank on the step it reads (``moecc.report()`` shows them). ``time_layers=True`` profiles that step too
+    (torch.profiler, over the last step of each window; ``check_every=1``: every step) and records each layer's
+    predicted and measured time (``moecc.report(timings=True)``); off, nothing is profiled. See
+    ``runtime.measure_step``.
     """
     from moecc.costmodel.profile import builtin_profile
 
     if check_every < 1:
         raise ValueError(f"moecc: attach(check_every=...) must be at least 1, got {check_every}")
     monitor = runtime.Monitor(check_every=check_every, profile=profile or builtin_profile("cpu"), average=average,
-                              switching=switching)
+                              switching=switching, time_layers=time_layers)
 
     def before(opt, args, kwargs):
         runtime.sync_expert_grads(_layers_stepped_by(opt), average)
