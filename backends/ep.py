@@ -161,6 +161,119 @@ def _(send_counts_R, group_name):
     return torch.empty_like(send_counts_R)
 
 
+@torch.library.custom_op("moecc::all_gather_counts", mutates_args=())
+def all_gather_counts(send_counts_R: Tensor, group_name: str) -> Tensor:
+    """``[R, R]``: every rank's rows to every rank (row: the sender), for the 2-D exchange's block orders."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    ranks = dist.get_world_size(group)
+    out = send_counts_R.new_empty((ranks * send_counts_R.shape[0],))  # gloo gathers into a flat tensor
+    with _exchange_errors("row counts"):
+        dist.all_gather_into_tensor(out, send_counts_R.contiguous(), group=group)
+    return out.view(ranks, -1)
+
+
+@all_gather_counts.register_fake
+def _(send_counts_R, group_name):
+    return send_counts_R.new_empty((send_counts_R.shape[0], send_counts_R.shape[0]))
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchy:
+    """Ranks of an expert-parallel group as nodes of ``node_size`` ranks (group rank = node * node_size + local):
+    the process groups of the 2-D exchange."""
+
+    node_size: int
+    intra_name: str  # this rank's node
+    inter_name: str  # the ranks of this rank's local index, one per node
+
+
+def _block_order(sizes: list[int], order: list[int], device) -> Tensor:
+    """The row index that lays out blocks of ``sizes`` (consecutive) in the block order ``order``."""
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    pieces = [torch.arange(starts[k], starts[k] + sizes[k], device=device) for k in order]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def _exchange_2d(x: Tensor, C: list[list[int]], me: int, L: int, intra, inter, out: Tensor) -> None:
+    """Tutel's 2DH all-to-all: rows sorted by destination rank go first to the node-mate with the destination's
+    local index, then across nodes to the destination; ``out`` gets exactly what a flat all-to-all gives (rows by
+    source rank, each source's rows in their order). ``C[src][dst]``: rows from src to dst."""
+    R = len(C)
+    N, (n, j) = R // L, divmod(me, L)  # this rank: node n, local index j
+    # Phase 1, within the node: to local index l2 every row bound for (any node, l2), by node.
+    mine = [C[me][q] for q in range(R)]
+    to_local = _block_order(mine, [n2 * L + l2 for l2 in range(L) for n2 in range(N)], x.device)
+    send1 = [sum(C[me][n2 * L + l2] for n2 in range(N)) for l2 in range(L)]
+    recv1 = [sum(C[n * L + l2][n2 * L + j] for n2 in range(N)) for l2 in range(L)]
+    mid = x.new_empty((sum(recv1), *x.shape[1:]))
+    with _exchange_errors("rows (within the node)"):
+        dist.all_to_all_single(mid, x[:sum(send1)].index_select(0, to_local), recv1, send1, group=intra)
+    # Phase 2, across nodes: what arrived is by (node-mate, destination node); regroup by destination node.
+    arrived = [C[n * L + l2][n2 * L + j] for l2 in range(L) for n2 in range(N)]
+    to_node = _block_order(arrived, [l2 * N + n2 for n2 in range(N) for l2 in range(L)], x.device)
+    send2 = [sum(C[n * L + l2][n2 * L + j] for l2 in range(L)) for n2 in range(N)]
+    recv2 = [sum(C[n3 * L + l3][me] for l3 in range(L)) for n3 in range(N)]
+    with _exchange_errors("rows (across nodes)"):
+        dist.all_to_all_single(out[:sum(recv2)], mid.index_select(0, to_node), recv2, send2, group=inter)
+
+
+@torch.library.custom_op("moecc::all_to_all_rows_2d", mutates_args=())
+def all_to_all_rows_2d(x: Tensor, counts_RR: Tensor, transpose: bool, group_name: str, intra_name: str,
+                       inter_name: str, node_size: int, out_rows: int) -> Tensor:
+    """:func:`all_to_all_rows` as two exchanges (:func:`_exchange_2d`); ``counts_RR[src, dst]`` from
+    :func:`all_gather_counts`, read transposed for the way back."""
+    resolve = dist.distributed_c10d._resolve_process_group
+    group = resolve(group_name)
+    C = (counts_RR.t() if transpose else counts_RR).tolist()
+    me = dist.get_rank(group)
+    received = sum(C[src][me] for src in range(len(C)))
+    out = x.new_zeros((out_rows, *x.shape[1:])) if out_rows >= 0 else x.new_empty((received, *x.shape[1:]))
+    _exchange_2d(x, C, me, node_size, resolve(intra_name), resolve(inter_name), out)
+    return out
+
+
+@all_to_all_rows_2d.register_fake
+def _(x, counts_RR, transpose, group_name, intra_name, inter_name, node_size, out_rows):
+    rows = out_rows if out_rows >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((rows, *x.shape[1:]))
+
+
+def _a2a_2d_setup(ctx, inputs, output):
+    x, counts, transpose, *names, node_size, _ = inputs
+    ctx.save_for_backward(counts)
+    ctx.args, ctx.rows = (not transpose, *names, node_size), x.shape[0]
+
+
+def _a2a_2d_backward(ctx, grad):
+    (counts,) = ctx.saved_tensors
+    transpose, group_name, intra_name, inter_name, node_size = ctx.args
+    return (all_to_all_rows_2d(grad.contiguous(), counts, transpose, group_name, intra_name, inter_name, node_size,
+                               ctx.rows), None, None, None, None, None, None, None)
+
+
+all_to_all_rows_2d.register_autograd(_a2a_2d_backward, setup_context=_a2a_2d_setup)
+
+
+def exchange_rows_2d(x_ND: Tensor, expert_N: Tensor, send_counts_R: Tensor, group_name: str, intra_name: str,
+                     inter_name: str, node_size: int):
+    """:func:`exchange_rows` through the 2-D exchange; returns (rows, their expert ids, the counts matrix)."""
+    counts_RR = torch.ops.moecc.all_gather_counts(send_counts_R, group_name)
+    args = (group_name, intra_name, inter_name, node_size, -1)
+    x_recv = torch.ops.moecc.all_to_all_rows_2d(x_ND, counts_RR, False, *args)
+    expert_recv = torch.ops.moecc.all_to_all_rows_2d(expert_N, counts_RR, False, *args)
+    torch._check(expert_recv.shape[0] == x_recv.shape[0])
+    return x_recv, expert_recv, counts_RR
+
+
+def return_rows_2d(y_MD: Tensor, counts_RR: Tensor, group_name: str, intra_name: str, inter_name: str,
+                   node_size: int, rows: int) -> Tensor:
+    """The inverse of :func:`exchange_rows_2d` for the expert outputs (differentiable)."""
+    return torch.ops.moecc.all_to_all_rows_2d(y_MD, counts_RR, True, group_name, intra_name, inter_name, node_size,
+                                              rows)
+
+
 def exchange_rows(x_ND: Tensor, expert_N: Tensor, send_counts_R: Tensor, group_name: str):
     """Send each rank its rows (rows sorted by destination); returns (rows, their expert ids, recv counts)."""
     recv_counts_R = torch.ops.moecc.all_to_all_counts(send_counts_R, group_name)

@@ -35,7 +35,9 @@ def moecc_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     if options.rewrite:
         group, dp_group = owner.groups(options)
         dispatch = choose_dispatch(expert_parallel=options.ep, group=group, placement=options.placement,
-                                   slots_per_rank=options.slots_per_rank, dp_group=dp_group)
+                                   slots_per_rank=options.slots_per_rank, dp_group=dp_group,
+                                   overlap_chunks=options.overlap_chunks, all_to_all=options.all_to_all,
+                                   node_size=options.node_size)
         config = PassConfig(dispatch=dispatch, fused_ffn=options.fused_ffn, capacity_factor=options.capacity_factor)
         pass_inputs = owner.inputs_for_pass(example_inputs)
         gm, results = moe_pass(gm, pass_inputs, config, graph_name=f"{owner.name} graph {owner.graphs}")

@@ -35,13 +35,16 @@ class Options:
     """A ``moecc.costmodel.placement.Placement``, or a list per rank of the expert in each slot (-1: empty)."""
     capacity_factor: float | None = None
     """Drop the routed rows past ``ceil(f * rows / E)`` per expert on each rank (GShard); None: dropless."""
-    overlap_chunks: Any = 1
+    overlap_chunks: Any = "auto"
     """Expert parallelism: split each layer's routed rows into this many chunks, so that one chunk's experts run
     while the next one's rows are in flight (forward and backward); 1: no overlap; "auto": the cost model picks
     per layer."""
     node_size: int | None = None
     """Expert parallelism: ranks per node for the 2-D hierarchical all-to-all (within a node, then across nodes);
     default ``LOCAL_WORLD_SIZE`` under torchrun when it splits the group into several nodes, else flat."""
+    all_to_all: str = "auto"
+    """Expert parallelism: "flat" (one all-to-all over the group), "2d" (Tutel's 2DH: within each node of
+    ``moecc.node_size`` ranks, then across nodes) or "auto" (the cost model picks per layer)."""
     pool: Any = None
     """A ``moecc.costmodel.placement.Pool`` the runtime switches within (default: current vs a greedy re-plan)."""
     inductor: dict = field(default_factory=dict)
@@ -67,6 +70,9 @@ class Options:
         if chunks is not None and chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, int)
                                                         or chunks < 1):
             raise ValueError(f"moecc: option {PREFIX}overlap_chunks must be a positive int or 'auto', got {chunks!r}")
+        if ours.get("all_to_all", "flat") not in ("flat", "2d", "auto"):
+            raise ValueError(f"moecc: option {PREFIX}all_to_all must be 'flat', '2d' or 'auto', "
+                             f"got {ours['all_to_all']!r}")
         nodes = ours.get("node_size")
         if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"moecc: option {PREFIX}node_size must be a positive int, got {nodes!r}")

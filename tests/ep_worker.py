@@ -144,12 +144,12 @@ def layer_group(model):
     return moecc.session(model).layers[0].group()
 
 
-def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
+def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None, options=None):
     """distribute, then ``steps`` AdamW steps on this rank's slice; the reference trains on the whole batch."""
     case = Case(kind)
     model, ref = case.model, case.ref
     _last_model[0] = model
-    options = {"moecc.placement": placement} if placement is not None else None
+    options = {**({"moecc.placement": placement} if placement is not None else {}), **(options or {})}
     if options:
         model.compile(backend="moecc", options=options)
     x_all, cot_all = case.batch(world, seed=1)
@@ -177,6 +177,43 @@ def train_equal(rank, world, kind="loop", mesh=None, steps=5, placement=None):
                  report_memory_table=f"expert memory on rank {dist.get_rank(layer_group(model))}" in str(
                      moecc.report(model)))
     return facts
+
+
+def overlapped(rank, world, kind="loop"):
+    """train_equal with the all-to-alls overlapped with the experts in 3 chunks (``backends/ep_overlap.py``)."""
+    return train_equal(rank, world, kind, options={"moecc.overlap_chunks": 3})
+
+
+def two_level(rank, world, kind="loop"):
+    """train_equal with the 2-D all-to-all, the ranks as nodes of 2."""
+    return train_equal(rank, world, kind, options={"moecc.all_to_all": "2d", "moecc.node_size": 2,
+                                                   "moecc.overlap_chunks": 1})
+
+
+def exchange_auto(rank, world, kind="loop"):
+    """train_equal with the chunks and flat or 2-D chosen by the cost model (nodes of 2 ranks)."""
+    return train_equal(rank, world, kind, options={"moecc.overlap_chunks": "auto", "moecc.all_to_all": "auto",
+                                                   "moecc.node_size": 2})
+
+
+def exchange_2d_equals_flat(rank, world):
+    """The 2-D exchange delivers exactly the flat all-to-all's rows, both ways, for uneven counts (zeros too)."""
+    from moecc.backends import dispatch, ep
+
+    group = dispatch._dedicated(dist.group.WORLD)
+    hierarchy, why = dispatch.hierarchy_of(group, 2)
+    gen = torch.Generator().manual_seed(rank)
+    send_R = torch.randint(0, 4, (world,), generator=gen)
+    send_R[(rank + 1) % world] = 0
+    x = torch.randn(int(send_R.sum()) + 2, 5, generator=gen)  # two rows past the sent ones stay behind
+    names = (group.group_name, hierarchy.intra_name, hierarchy.inter_name, hierarchy.node_size)
+    flat, _, recv_R = ep.exchange_rows(x, x[:, 0].clone(), send_R, group.group_name)
+    two, _, counts = ep.exchange_rows_2d(x, x[:, 0].clone(), send_R, *names)
+    back_flat = ep.return_rows(flat * 2, send_R, recv_R, group.group_name, x.shape[0])
+    back_two = ep.return_rows_2d(two * 2, counts, *names, x.shape[0])
+    return {"why": why, "same": bool(torch.equal(flat, two)), "same_back": bool(torch.equal(back_flat, back_two)),
+            "received": int(recv_R.sum()), "round_trip": bool(torch.equal(back_two[:int(send_R.sum())],
+                                                                           2 * x[:int(send_R.sum())]))}
 
 
 def replicated_hot_expert(rank, world):
@@ -585,7 +622,8 @@ def _scenario(name: str):
     return fn, kwargs
 
 
-SCENARIOS = {f.__name__: f for f in (train_equal, replicated_hot_expert, receives_zero_tokens, mismatched_layout,
+SCENARIOS = {f.__name__: f for f in (train_equal, overlapped, two_level, exchange_auto, exchange_2d_equals_flat,
+                                     replicated_hot_expert, receives_zero_tokens, mismatched_layout,
                                      eval_after_distribute,
                                      mismatched_mesh, wrong_order, switch_round_trip, switch_every_3_steps,
                                      save_checkpoint, load_checkpoint, capacity_factor, ddp_dense, fsdp2_dense,

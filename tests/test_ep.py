@@ -59,13 +59,15 @@ def two_ranks(shared_dir):
     return run_ranks(2, ["train_equal", "replicated_hot_expert", "receives_zero_tokens", "switch_round_trip",
                          "switch_every_3_steps", "eval_after_distribute", "capacity_factor", "ddp_dense", "fsdp2_dense",
                          "save_checkpoint",
-                         "mismatched_layout", "mismatched_mesh", "wrong_order"], shared_dir)
+                         "mismatched_layout", "mismatched_mesh", "wrong_order", "overlapped"], shared_dir)
 
 
 @pytest.fixture(scope="module")
 def four_ranks(two_ranks, shared_dir):
     """EP=4 and EP=2 x expert-DP=2 for ModuleList, stacked and HF Mixtral experts; the 2-rank checkpoint loaded."""
-    return run_ranks(4, [*TRAINED, *(f"{name}@2x2" for name in TRAINED), "load_checkpoint"], shared_dir)
+    return run_ranks(4, [*TRAINED, *(f"{name}@2x2" for name in TRAINED), "load_checkpoint",
+                         "exchange_2d_equals_flat", "two_level", "two_level:hf", "overlapped:stacked", "exchange_auto"],
+                     shared_dir)
 
 
 def _assert_trained_like_one_process(facts, r):
@@ -102,9 +104,46 @@ def test_each_rank_stores_only_its_slots(four_ranks, name, expected_slots):
 
 def test_report_shows_layout_and_all_to_all_rows(two_ranks):
     layouts = {res["train_equal"]["layout"] for res in two_ranks}
-    assert layouts == {"rank 0: [0, 2]; rank 1: [1, 3]"}
+    assert len(layouts) == 1, "ranks disagree on the layout or the exchange"
+    assert layouts.pop().startswith("rank 0: [0, 2]; rank 1: [1, 3] (flat all-to-all, 1 chunk; cost model (cpu): ")
     sent = [res["train_equal"]["send_rows"] for res in two_ranks]
     assert all(sum(rows) == 3 * 2 for rows in sent)  # every routed row (3 tokens x top-2) goes somewhere
+
+
+def test_all_to_alls_overlapped_in_chunks_train_like_one_process_on_two_ranks(two_ranks):
+    for r, res in enumerate(two_ranks):
+        facts = res["overlapped"]
+        _assert_trained_like_one_process(facts, r)
+        assert facts["layout"].endswith("(flat all-to-all, 3 chunks overlapped)"), facts["layout"]
+
+
+def test_all_to_alls_overlapped_in_chunks_train_stacked_experts_like_one_process_on_four_ranks(four_ranks):
+    for r, res in enumerate(four_ranks):
+        _assert_trained_like_one_process(res["overlapped:stacked"], r)
+        assert "3 chunks overlapped" in res["overlapped:stacked"]["layout"]
+
+
+def test_two_level_all_to_all_delivers_exactly_the_flat_rows_both_ways(four_ranks):
+    for r, res in enumerate(four_ranks):
+        facts = res["exchange_2d_equals_flat"]
+        assert facts["why"] == "", facts["why"]
+        assert facts["same"] and facts["same_back"] and facts["round_trip"], (r, facts)
+    assert sum(res["exchange_2d_equals_flat"]["received"] for res in four_ranks) > 0
+
+
+def test_the_cost_model_chooses_the_exchange_per_layer_and_every_rank_keeps_the_same(four_ranks):
+    layouts = {res["exchange_auto"]["layout"] for res in four_ranks}
+    assert len(layouts) == 1, layouts
+    assert "; cost model (cpu): " in layouts.pop()
+    for r, res in enumerate(four_ranks):
+        _assert_trained_like_one_process(res["exchange_auto"], r)
+
+
+@pytest.mark.parametrize("name", ["two_level", "two_level:hf"])
+def test_two_level_all_to_all_trains_like_one_process_as_two_nodes_of_two(four_ranks, name):
+    for r, res in enumerate(four_ranks):
+        _assert_trained_like_one_process(res[name], r)
+        assert res[name]["layout"].endswith("(2-D all-to-all 2 nodes x 2, 1 chunk)"), res[name]["layout"]
 
 
 def test_replicated_hot_expert_trains_like_one_process_and_replicas_stay_equal(two_ranks):
@@ -192,8 +231,8 @@ def test_optimizer_built_before_distribute_is_refused(two_ranks):
 
 def test_checkpoint_from_two_ranks_loads_at_four(four_ranks):
     """Saved at EP=2 with expert 0 replicated, loaded at EP=4: weights, Adam moments, outputs, the next step."""
-    assert {res["load_checkpoint"]["layout"] for res in four_ranks} == {"rank 0: [0]; rank 1: [1]; rank 2: [2]; "
-                                                                        "rank 3: [3]"}
+    assert {res["load_checkpoint"]["layout"].split(" (")[0] for res in four_ranks} == {
+        "rank 0: [0]; rank 1: [1]; rank 2: [2]; rank 3: [3]"}
     for r, res in enumerate(four_ranks):
         facts = res["load_checkpoint"]
         assert facts["param"] < 1e-6 and facts["exp_avg"] < 1e-6, (r, facts)

@@ -35,12 +35,14 @@ def test_every_option_has_a_description():
     docs = Options.documented()
     assert set(docs) == {"moecc." + k for k in ("rewrite", "fused_ffn", "ep", "group", "slots_per_rank",
                                                "placement", "capacity_factor", "overlap_chunks", "node_size",
+                                               "all_to_all",
                                                "pool")}
     assert all(len(text) > 20 for text in docs.values())
 
 
 @pytest.mark.parametrize("key, value", [("overlap_chunks", 0), ("overlap_chunks", "many"), ("overlap_chunks", True),
-                                        ("node_size", 0), ("node_size", 2.0)])
+                                        ("node_size", 0), ("node_size", 2.0),
+                                        ("all_to_all", "3d")])
 def test_exchange_options_refuse_bad_values_by_name(key, value):
     with pytest.raises(ValueError, match=f"moecc.{key} must be"):
         Options.parse({f"moecc.{key}": value})
