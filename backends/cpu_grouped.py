@@ -31,7 +31,6 @@ import functools
 import logging
 import math
 import os
-import statistics
 import time
 
 import torch
@@ -294,22 +293,41 @@ def kernels(activation: str):
     return fwd, bwd
 
 
-def supported(x: Tensor, weights: list[list[Tensor]]) -> bool:
-    """fp32 CPU tensors with contiguous weights (what the kernel indexes; gradients made by ``empty_like`` match)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return False
-    return all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for ws in weights for w in ws)
+def _fits(w: Tensor) -> bool:
+    return w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
 
 
-def _table(weights: list[Tensor]) -> tuple[Tensor, int]:
-    """A weight argument as (int64 address table, elements between groups): a stacked tensor is its base address
-    and stride (nothing per expert); a list is one address per expert."""
+_TABLES: dict[tuple[int, ...], tuple[Tensor, bool]] = {}
+_TABLES_MAX = 4096  # distinct weight lists remembered (a 64-layer model has 192); cleared whole when full
+
+
+def _table(weights: list[Tensor], cache: bool = True) -> tuple[Tensor, int, bool]:
+    """A weight argument as (int64 address table, elements between groups, usable by the kernel).
+
+    A stacked tensor is its base address and group stride (nothing per expert). A list is one address per
+    expert; checking each tensor's layout costs ~0.6 ms a call at E=256 (three lists), so a list's table and
+    verdict are remembered by its addresses (14 us to read), which is what the kernel depends on. Gradient
+    lists are new every call: ``cache=False``.
+    """
     if not weights:
-        return _EMPTY_TABLE, 0
+        return _EMPTY_TABLE, 0, True
     if is_stacked(weights):
         w = weights[0]
-        return torch.tensor([w.data_ptr()], dtype=torch.int64), w.stride(0)
-    return torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64), 0
+        return torch.tensor([w.data_ptr()], dtype=torch.int64), w.stride(0), _fits(w)
+    key = tuple([w.data_ptr() for w in weights])
+    hit = _TABLES.get(key) if cache else None
+    if hit is None:
+        hit = (torch.tensor(key, dtype=torch.int64), all(_fits(w) for w in weights))
+        if cache:
+            if len(_TABLES) >= _TABLES_MAX:
+                _TABLES.clear()
+            _TABLES[key] = hit
+    return hit[0], 0, hit[1] and _fits(weights[0])
+
+
+def supported(x: Tensor, weights: list[list[Tensor]]) -> bool:
+    """fp32 CPU tensors with contiguous weights (what the kernel indexes; gradients made by ``empty_like`` match)."""
+    return _fits(x) and all(_table(ws)[2] for ws in weights)
 
 
 _EMPTY_TABLE = torch.zeros(1, dtype=torch.int64)
@@ -339,7 +357,7 @@ def forward(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offs
     tile = tile_rows(ffn, width, cap)
     nt = threads()
     ws = workspace(nt * tile * (width + ffn))
-    (p1, s1), (p3, s3), (p2, s2) = _table(w1), _table(w3), _table(w2)
+    (p1, s1, _), (p3, s3, _), (p2, s2, _) = _table(w1), _table(w3), _table(w2)
     sg, sl = _mkl()
     offsets = offsets_S.to(torch.int32).contiguous()
     fwd(xs, ys, saved if saved is not None else ys, ws, weight_N.contiguous(), offsets, p1, p3, p2, offsets.numel(),
@@ -358,8 +376,8 @@ def backward(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: T
     tile = tile_rows(ffn, width, cap)
     nt = threads()
     ws = workspace(nt * tile * (width + 2 * ffn))
-    (p1, s1), (p3, s3), (p2, s2) = _table(w1), _table(w3), _table(w2)
-    (q1, _), (q3, _), (q2, _) = _table(dw1), _table(dw3), _table(dw2)
+    (p1, s1, _), (p3, s3, _), (p2, s2, _) = _table(w1), _table(w3), _table(w2)
+    (q1, _, _), (q3, _, _), (q2, _, _) = _table(dw1, False), _table(dw3, False), _table(dw2, False)
     sg, sl = _mkl()
     offsets = offsets_S.to(torch.int32).contiguous()
     bwd(xs, gs, saved, ws, weight_N.contiguous(), dweight, dxs, offsets, p1, p3, p2, q1, q3, q2, offsets.numel(),
@@ -370,10 +388,12 @@ def backward(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: T
 #
 # Measured on this 2-core machine (see benchmarks/moe_sweep.py): the winner flips with rows per expert and the
 # widths, and the crossover moves with the machine's core count, MKL version and load, so no constant is
-# written down. Each new bucket (direction, rows per non-empty expert rounded to a power of two, d, ffn, gated,
-# threads) is decided on its first real calls: they alternate the two paths (both compute the same result) and
-# after CALIBRATION_CALLS of each the faster median wins for the rest of the process. A decision costs no extra
-# work, only a few calls run on the slower path. MOECC_CPU_EXPERTS=grouped|per_expert forces one path.
+# written down. Each new bucket (direction, rows per non-empty expert rounded up to a power of two, d, ffn, gated,
+# threads) is decided on its first real calls: they alternate the two paths (both compute the same result), the
+# first call of each path is dropped (pool and cache warm-up, and in a compile it runs while Inductor is busy),
+# and after CALIBRATION_CALLS more of each the faster *minimum* wins for the rest of the process (on a shared
+# machine interference only adds time; medians flipped decisions in repeated runs). A decision costs no extra
+# work, only a few calls on the slower path. MOECC_CPU_EXPERTS=grouped|per_expert forces one path.
 
 CALIBRATION_CALLS = 3
 PATHS = ("grouped", "per_expert")
@@ -399,15 +419,15 @@ def choose(key: tuple) -> str:
 
 
 def record(key: tuple, path: str, seconds: float) -> None:
-    """One calibration sample; decides the bucket once every path has CALIBRATION_CALLS of them."""
+    """One calibration sample; decides the bucket once every path has 1 + CALIBRATION_CALLS of them."""
     if key in _decided or key not in _samples:
         return
     samples = _samples[key]
     samples[path].append(seconds)
-    if all(len(v) >= CALIBRATION_CALLS for v in samples.values()):
-        _decided[key] = min(PATHS, key=lambda p: statistics.median(samples[p]))
-        log.info("moecc: CPU experts bucket %s -> %s (median s: %s)", key, _decided[key],
-                 {p: statistics.median(v) for p, v in samples.items()})
+    if all(len(v) > CALIBRATION_CALLS for v in samples.values()):
+        _decided[key] = min(PATHS, key=lambda p: min(samples[p][1:]))
+        log.info("moecc: CPU experts bucket %s -> %s (best s: %s)", key, _decided[key],
+                 {p: min(v[1:]) for p, v in samples.items()})
         del _samples[key]
 
 
