@@ -146,3 +146,23 @@ def test_a_bad_block_among_good_ones_falls_back_alone():
     assert [r.spec.path for r in records] == ["good", "bad"]
     assert records[0].outcome == "rewritten" and records[1].outcome.startswith("fallback")
     assert_same_forward_backward(model, compiled, torch.randn(1, 6, 16))
+
+
+def test_the_rewrite_check_reads_weights_in_place_and_copies_an_input_a_graph_writes():
+    """The check aliases parameters (no copy of every weight per run) but copies one that a graph writes."""
+    from moecc.passes import validate
+
+    def reads(w, x):
+        return x @ w
+
+    def writes(w, x):
+        w.mul_(2)
+        return x @ w
+
+    w, x = torch.nn.Parameter(torch.ones(3, 3)), torch.randn(2, 3)
+    assert validate._aliased([w, x], torch.fx.symbolic_trace(reads)) == {0}
+    graph = torch.fx.symbolic_trace(writes)
+    assert validate._aliased([w, x], graph) == set()
+    with torch.no_grad():
+        assert validate.check_equivalent(graph, graph, [w, x]) is None
+    assert torch.equal(w, torch.ones(3, 3)), "the check changed the user's parameter"
