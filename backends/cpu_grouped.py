@@ -325,9 +325,22 @@ def _table(weights: list[Tensor], cache: bool = True) -> tuple[Tensor, int, bool
     return hit[0], 0, hit[1] and _fits(weights[0])
 
 
+def tables(x: Tensor, weights: list[list[Tensor]]) -> list[tuple[Tensor, int]] | None:
+    """Each weight argument's (address table, group stride) if the kernel can take them: fp32 CPU tensors with
+    contiguous weights (gradients made by ``empty_like`` then match too); else None."""
+    if not _fits(x):
+        return None
+    out = []
+    for ws in weights:
+        table, stride, ok = _table(ws)
+        if not ok:
+            return None
+        out.append((table, stride))
+    return out
+
+
 def supported(x: Tensor, weights: list[list[Tensor]]) -> bool:
-    """fp32 CPU tensors with contiguous weights (what the kernel indexes; gradients made by ``empty_like`` match)."""
-    return _fits(x) and all(_table(ws)[2] for ws in weights)
+    return tables(x, weights) is not None
 
 
 _EMPTY_TABLE = torch.zeros(1, dtype=torch.int64)
@@ -347,17 +360,18 @@ def tile_rows(ffn: int, width: int, cap: int) -> int:
 
 
 def forward(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offsets_S: Tensor, w1, w3, w2,
-            flags, activation: str, workspace, cap: int) -> None:
-    """``ys[n] = weight[n] * ffn_g(xs[n])`` for every computed row, and with ``saved`` its pre-activations."""
+            flags, activation: str, workspace, cap: int, weight_tables=None) -> None:
+    """``ys[n] = weight[n] * ffn_g(xs[n])`` for every computed row, and with ``saved`` its pre-activations.
+    ``weight_tables``: :func:`tables` of (w1, w3, w2) if the caller has them."""
     t1, t3, t2, glu = (int(f) for f in flags)
     fwd, _ = kernels(activation)
     ffn = (w2[0].shape[-1] if t2 else w2[0].shape[-2])
     width = 2 * ffn if glu else ffn
     d, dout = xs.shape[1], ys.shape[1]
-    tile = tile_rows(ffn, width, cap)
+    tile = tile_rows(ffn, width, min(cap, max(1, xs.shape[0])))
     nt = threads()
     ws = workspace(nt * tile * (width + ffn))
-    (p1, s1, _), (p3, s3, _), (p2, s2, _) = _table(w1), _table(w3), _table(w2)
+    (p1, s1), (p3, s3), (p2, s2) = weight_tables or tables(xs, [w1, w3, w2])
     sg, sl = _mkl()
     offsets = offsets_S.to(torch.int32).contiguous()
     fwd(xs, ys, saved if saved is not None else ys, ws, weight_N.contiguous(), offsets, p1, p3, p2, offsets.numel(),
@@ -365,7 +379,8 @@ def forward(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offs
 
 
 def backward(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: Tensor, dxs: Tensor,
-             offsets_S: Tensor, w1, w3, w2, dw1, dw3, dw2, flags, activation: str, workspace, cap: int) -> None:
+             offsets_S: Tensor, w1, w3, w2, dw1, dw3, dw2, flags, activation: str, workspace, cap: int,
+             weight_tables=None) -> None:
     """Per expert: ``dweight``, ``dxs`` (rows in slot order) and the weight gradients ``dw*`` (written whole, zero
     for an expert without rows); ``gs`` is scaled by the row weights in place."""
     t1, t3, t2, glu = (int(f) for f in flags)
@@ -373,10 +388,10 @@ def backward(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: T
     ffn = (w2[0].shape[-1] if t2 else w2[0].shape[-2])
     width = 2 * ffn if glu else ffn
     d, dout = xs.shape[1], gs.shape[1]
-    tile = tile_rows(ffn, width, cap)
+    tile = tile_rows(ffn, width, min(cap, max(1, xs.shape[0])))
     nt = threads()
     ws = workspace(nt * tile * (width + 2 * ffn))
-    (p1, s1, _), (p3, s3, _), (p2, s2, _) = _table(w1), _table(w3), _table(w2)
+    (p1, s1), (p3, s3), (p2, s2) = weight_tables or tables(xs, [w1, w3, w2])
     (q1, _, _), (q3, _, _), (q2, _, _) = _table(dw1, False), _table(dw3, False), _table(dw2, False)
     sg, sl = _mkl()
     offsets = offsets_S.to(torch.int32).contiguous()

@@ -1,4 +1,5 @@
-"""Fused elementwise CPU kernels of the routed FFN, compiled on first use with Inductor's own C++ toolchain.
+"""Fused elementwise CPU kernels of the routed FFN (and the slot sort), compiled on first use with Inductor's own
+C++ toolchain.
 
 Between its GEMMs a tile of the routed FFN does elementwise work: the gated activation in the forward, and in
 the backward the routing weight's gradient (a row dot product), the scaled activation gradient and the gate/up
@@ -111,3 +112,44 @@ def kernels(activation: str):
         log.warning("moecc: fused CPU FFN kernels unavailable (%s: %s); using torch ops", type(exc).__name__, exc)
         return None
     return fwd, bwd
+
+
+_SORT_SOURCE = r"""
+#include <cstdint>
+#include <vector>
+// Stable counting sort of n slot ids in [0, s): order (rows grouped by slot), its inverse, int32 end offsets.
+// status = {0} on success, {1, bad id} when an id lies outside [0, s) (nothing else is written then).
+extern "C" void kernel(const int64_t* slot, int64_t* order, int64_t* inverse, int32_t* offsets, int64_t* status,
+                       int64_t n, int64_t s) {
+    std::vector<int64_t> start(s + 1, 0);
+    status[0] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = slot[i];
+        if (v < 0 || v >= s) { status[0] = 1; status[1] = v; return; }
+        ++start[v + 1];
+    }
+    for (int64_t g = 0; g < s; ++g) { start[g + 1] += start[g]; offsets[g] = (int32_t)start[g + 1]; }
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = start[slot[i]]++;
+        order[p] = i;
+        inverse[i] = p;
+    }
+}
+"""
+
+
+@functools.cache
+def sort_kernel():
+    """``kernel(slot, order, inverse, offsets, status, n, s)``: the slot sort as one O(n + s) pass, or None.
+
+    As torch ops the sort is eight calls (range check, stable argsort, inverse scatter, bincount, cumsum, cast):
+    ~0.1 ms a decode step whatever the rows, and O(n log n) at large n; this is one call.
+    """
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        return CppPythonBindingsCodeCache.load_pybinding(
+            ["const int64_t*", "int64_t*", "int64_t*", "int32_t*", "int64_t*", "int64_t", "int64_t"], _SORT_SOURCE)
+    except Exception as exc:  # as for kernels(): the torch-ops sort still works
+        log.warning("moecc: native slot sort unavailable (%s: %s); using torch ops", type(exc).__name__, exc)
+        return None

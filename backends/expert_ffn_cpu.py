@@ -193,11 +193,11 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
     index = index_N[:used]
     xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
     ys = pooled_empty(used, d_out, x_TD)
-    path, key = _path("forward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
+    path, key, tables = _path("forward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
     with cpu_grouped.Timer(key, path):
         if path == "grouped":
             cpu_grouped.forward(xs, ys, saved if save else None, weight_N, offsets_S, w1, w3, w2, flags, activation,
-                                lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype))
+                                lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype), tables)
         else:
             _forward_per_expert(xs, ys, saved if save else None, weight_N[:used], offsets, w1, w3, w2, native,
                                 activation, t1, t3, t2, glu, ffn, width)
@@ -206,18 +206,22 @@ def expert_ffn(x_TD: Tensor, index_N: Tensor, weight_N: Tensor, offsets_S: Tenso
 
 
 def _path(direction: str, native, activation: str, x_TD: Tensor, weights, offsets: list[int], ffn: int,
-          glu: int) -> tuple[str, tuple | None]:
+          glu: int) -> tuple[str, tuple | None, list | None]:
     """Which implementation runs this call ("grouped": ``cpu_grouped``'s one parallel region, or "per_expert"),
-    and its calibration bucket; the grouped kernel only where it was built and fits the tensors."""
-    if native is None or cpu_grouped.kernels(activation) is None or not cpu_grouped.supported(x_TD, weights):
+    its calibration bucket, and the weights' address tables; the grouped kernel only where it was built and fits
+    the tensors."""
+    tables = None
+    if native is not None and cpu_grouped.kernels(activation) is not None:
+        tables = cpu_grouped.tables(x_TD, list(weights))
+    if tables is None:
         cpu_grouped.runs["per_expert"] += 1
-        return "per_expert", None
+        return "per_expert", None, None
     used = offsets[-1] if offsets else 0
     groups_used = len(set(offsets).union((0,))) - 1
     key = cpu_grouped.bucket(direction, used, groups_used, x_TD.shape[1], ffn, glu)
     path = cpu_grouped.choose(key)
     cpu_grouped.runs[path] += 1
-    return path, key
+    return path, key, tables
 
 
 def _forward_per_expert(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offsets: list[int], w1, w3,
@@ -268,11 +272,11 @@ def expert_ffn_backward(grad_TD: Tensor, x_TD: Tensor, index_N: Tensor, weight_N
     xs = torch.index_select(x_TD, 0, index, out=pooled_empty(used, x_TD.shape[1], x_TD))
     gs = torch.index_select(grad_TD, 0, index, out=pooled_empty(used, grad_TD.shape[1], x_TD))
     dxs = pooled_empty(used, x_TD.shape[1], x_TD)
-    path, key = _path("backward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
+    path, key, tables = _path("backward", native, activation, x_TD, (w1, w3, w2), offsets, ffn, glu)
     with cpu_grouped.Timer(key, path):
         if path == "grouped":
             cpu_grouped.backward(xs, gs, saved, weight_N, dweight, dxs, offsets_S, w1, w3, w2, dw1, dw3, dw2, flags,
-                                 activation, lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype))
+                                 activation, lambda n: pooled_empty(1, n, x_TD), tile_rows(ffn, x_TD.dtype), tables)
         else:
             _backward_per_expert(xs, gs, saved, weight_N, dweight, dxs, offsets, w1, w3, w2, dw1, dw3, dw2, native,
                                  activation, t1, t3, t2, glu, ffn, width)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_native
+
 
 def is_stacked(weights: list[Tensor]) -> bool:
     """A grouped weight argument is one stacked ``[G, ., .]`` tensor (else a list of G 2-D tensors)."""
@@ -58,6 +60,15 @@ def check_offsets(offsets: list[int], rows: int, groups: int, op: str) -> None:
 
 
 def sort_by_slot(slot_N: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    native = cpu_native.sort_kernel() if slot_N.device.type == "cpu" and slot_N.dtype == torch.int64 else None
+    if native is not None and slot_N.dim() == 1:
+        slot_N = slot_N.contiguous()
+        order_N, inverse_N = torch.empty_like(slot_N), torch.empty_like(slot_N)
+        offsets_S = slot_N.new_empty((num_slots,), dtype=torch.int32)
+        status = slot_N.new_empty((2,))
+        native(slot_N, order_N, inverse_N, offsets_S, status, slot_N.numel(), num_slots)
+        if int(status[0]) == 0:
+            return order_N, inverse_N, offsets_S
     check_slots(slot_N, num_slots)
     order_N = torch.argsort(slot_N, stable=True)
     inverse_N = torch.empty_like(order_N)

@@ -198,3 +198,21 @@ def test_weights_moved_to_new_memory_are_read_from_there(monkeypatch):
         out = ops.routed_ffn(x, index, weight, offsets, w1, w3, w2, flags, "silu")
     torch.testing.assert_close(out, reference_ffn(x, index, weight, offsets, w1, w3, w2, flags, "silu"),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,slots", [(0, 4), (1, 256), (37, 5), (5000, 64)])
+def test_slot_sort_is_the_stable_argsort_its_inverse_and_end_offsets(rows, slots):
+    slot_N = torch.randint(0, slots, (rows,), generator=torch.Generator().manual_seed(rows))
+    order_N, inverse_N, offsets_S = ops.sort_by_slot(slot_N, slots)
+    expected = torch.argsort(slot_N, stable=True)
+    assert torch.equal(order_N, expected)
+    assert torch.equal(order_N[inverse_N], torch.arange(rows))
+    assert offsets_S.dtype == torch.int32
+    assert torch.equal(offsets_S, torch.bincount(slot_N, minlength=slots).cumsum(0).to(torch.int32))
+
+
+def test_slot_sort_refuses_ids_outside_the_slots_by_name():
+    with pytest.raises(ValueError, match=r"slot ids must lie in \[0, 4\), got ids from 0 to 5"):
+        ops.sort_by_slot(torch.tensor([0, 5, 1]), 4)
+    with pytest.raises(ValueError, match="got ids from -1 to 1"):
+        ops.sort_by_slot(torch.tensor([1, -1]), 4)
