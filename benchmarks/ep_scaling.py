@@ -47,7 +47,8 @@ def worker(rank: int, world: int, port: int, steps: int, chunks: int, out: str) 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = moe_zoo.LoopMoE(DIM, FFN, EXPERTS, TOP_K)
-    options = {"moecc.overlap_chunks": chunks} if chunks > 1 else None
+    # the exchange pinned (the default "auto" lets the cost model choose): flat, ``chunks`` pipelined chunks
+    options = {"moecc.overlap_chunks": chunks, "moecc.all_to_all": "flat"} if overlap_option_known() else None
     compiled = torch.compile(model, backend="moecc", options=options)
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(TOKENS, DIM, generator=gen)

@@ -355,10 +355,18 @@ def exchange_study(profile: Profile, work: LayerWork, placements: list[Placement
     ranks = placements[0].layout.ranks
     mean_E = [sum(col) / len(col) for col in zip(*load_WE)]
 
-    def priced(chunks: int, hierarchical: bool) -> float:
-        total = sum(step_breakdown(profile, work, ranks, load=load_E, placement=p, chunks=chunks,
-                                   hierarchical=hierarchical, node_size=node_size).total_s * steps
-                    for p, load_E, steps in zip(placements, load_WE, steps_W))
+    terms = {"experts": 0.0, "exchanges": 0.0, "router_permutes_host": 0.0}
+
+    def priced(chunks: int, hierarchical: bool, record: bool = False) -> float:
+        total = 0.0
+        for p, load_E, steps in zip(placements, load_WE, steps_W):
+            bd = step_breakdown(profile, work, ranks, load=load_E, placement=p, chunks=chunks,
+                                hierarchical=hierarchical, node_size=node_size)
+            total += bd.total_s * steps
+            if record:  # the flat exchange's terms, step-weighted over the windows
+                for key, value in (("experts", bd.expert_compute_s), ("exchanges", bd.exchange_s + bd.counts_s),
+                                   ("router_permutes_host", bd.router_s + bd.permute_s + bd.host_s)):
+                    terms[key] += value * steps / sum(steps_W)
         return total / sum(steps_W)
 
     def on_mean(chunks: int, hierarchical: bool):
@@ -377,10 +385,9 @@ def exchange_study(profile: Profile, work: LayerWork, placements: list[Placement
         pick = candidates[0]
     configs = {"flat": (1, False), "overlap": (best_overlap, False), "2d": (1, True), "chooser": pick[1:],
                "both": (best_both, True)}
-    out = {key: {"chunks": c_, "hierarchical": h, "step_s": priced(c_, h)} for key, (c_, h) in configs.items()}
-    bd = flat[1]
-    out["terms_flat_s"] = {"experts": bd.expert_compute_s, "exchanges": bd.exchange_s + bd.counts_s,
-                           "router_permutes_host": bd.router_s + bd.permute_s + bd.host_s}
+    out = {key: {"chunks": c_, "hierarchical": h, "step_s": priced(c_, h, record=key == "flat")}
+           for key, (c_, h) in configs.items()}
+    out["terms_flat_s"] = terms
     return out
 
 

@@ -75,3 +75,13 @@ def test_calibrate_measures_this_machine_and_writes_a_usable_profile(tmp_path, c
     assert "fit error" in capsys.readouterr().out
     profile = load_profile(tmp_path / "me.json")
     assert profile.name == "me" and "measured by moecc calibrate" in profile.source
+    # the whole-step terms one process can measure, measured (the exchanges and the overlap need torchrun)
+    assert "step.permute_bandwidth_Bps" in profile.source and "step.op_overhead_s" in profile.source
+    base = load_profile("cpu").step_terms
+    assert profile.step_terms.permute_bandwidth_Bps > 0 and profile.step_terms.op_overhead_s > 0
+    assert profile.step_terms.all_to_all_measured == base.all_to_all_measured  # kept from --base
+
+
+def test_calibrate_comm_only_needs_several_processes(tmp_path, capsys):
+    assert main(["calibrate", "--comm-only", "--out", str(tmp_path / "me.json")]) == 2
+    assert "torchrun" in capsys.readouterr().err
