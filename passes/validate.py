@@ -12,6 +12,7 @@ alias shares the input's version counter, and a run that bumps it fails the chec
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import fx
@@ -90,17 +91,36 @@ def _close(a: torch.Tensor, b: torch.Tensor, low_precision: bool = False) -> boo
     return torch.allclose(a.detach(), b.detach(), rtol=rtol, atol=atol * scale)
 
 
-def _run(gm: fx.GraphModule, inputs, with_grads: bool, cotangent_seed: int):
+def _forward(gm: fx.GraphModule, inputs, with_grads: bool, cotangent_seed: int):
+    """(outputs, the inputs to differentiate, the loss under one random cotangent or None)."""
     outs = _flat_tensors(gm(*inputs))
-    grads = []
-    if with_grads:
-        wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        diff = [o for o in outs if o.requires_grad]
-        if wrt and diff:
-            gen = torch.Generator().manual_seed(cotangent_seed)
-            loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in diff)
-            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True))
-    return outs, grads
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] if with_grads else []
+    diff = [o for o in outs if o.requires_grad]
+    if not (wrt and diff):
+        return outs, [], None
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen).to(o)).sum() for o in diff)
+    return outs, wrt, loss
+
+
+def grad_groups(wrt: list[torch.Tensor], budget_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``wrt`` of at most ``budget_bytes`` each (one tensor alone may exceed it)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(wrt):
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > budget_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    return groups if groups[0] else []
+
+
+def _grad_budget() -> int:
+    """Bytes of gradients the check holds per graph at once (``MOECC_CHECK_GRAD_BYTES``, default 256 MiB): the
+    gradients of a large model's experts are computed and compared a group at a time, not all at once."""
+    return int(os.environ.get("MOECC_CHECK_GRAD_BYTES", str(256 << 20)))
 
 
 def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, seed: int = 0,
@@ -109,6 +129,8 @@ def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, exampl
 
     ``reduce_grads`` (expert parallelism) sums each gradient over the ranks before comparing: a rank hosting an
     expert holds the gradient from every rank's tokens, while the original graph holds only its own tokens'.
+    Gradients are computed and compared in groups of at most :func:`_grad_budget` bytes (one backward per group,
+    the same groups on every rank), so the check never holds two copies of every weight's gradient.
     """
     # A graph that computes in bf16 inside (an fp32 model with bf16 expert GEMMs) is compared at bf16 tolerance.
     low = computes_in_low_precision(original)
@@ -119,28 +141,41 @@ def check_equivalent(original: fx.GraphModule, rewritten: fx.GraphModule, exampl
         gen = torch.Generator().manual_seed(seed + trial)
         base = _copy_inputs(example_inputs, randomize, gen, alias)
         versions = {i: base[i]._version for i in alias}
+        what = "real inputs" if not randomize else "random inputs"
         with torch.enable_grad() if with_grads else torch.no_grad():
-            ref_out, ref_grads = _run(original, _copy_inputs(base, False, gen, alias), with_grads, seed)
-            new_out, new_grads = _run(rewritten, _copy_inputs(base, False, gen, alias), with_grads, seed)
+            ref_out, ref_wrt, ref_loss = _forward(original, _copy_inputs(base, False, gen, alias), with_grads, seed)
+            new_out, new_wrt, new_loss = _forward(rewritten, _copy_inputs(base, False, gen, alias), with_grads,
+                                                  seed)
         written = [i for i in alias if base[i]._version != versions[i]]
         if written:
             return (f"the block writes in place to input {written[0]} (a parameter or a tensor that requires "
                     "grad), which the check reads without copying")
-        if reduce_grads is not None:
-            ref_grads = [reduce_grads(g) for g in ref_grads]
-            new_grads = [reduce_grads(g) for g in new_grads]
-        what = "real inputs" if not randomize else "random inputs"
         if len(ref_out) != len(new_out):
             return f"output count differs on {what}"
         for i, (a, b) in enumerate(zip(ref_out, new_out)):
             if not _close(a, b, low):
                 return f"output {i} differs on {what} (max abs diff {_maxdiff(a, b)})"
-        for i, (a, b) in enumerate(zip(ref_grads, new_grads)):
-            if (a is None) != (b is None):
-                return f"gradient {i} present in one graph only on {what}"
-            if a is not None and not _close(a, b, low):
-                return f"gradient of input {i} differs on {what} (max abs diff {_maxdiff(a, b)})"
+        if (ref_loss is None) != (new_loss is None) or len(ref_wrt) != len(new_wrt):
+            return f"gradients present in one graph only on {what}"
+        if ref_loss is None:
+            continue
+        groups = grad_groups(ref_wrt, _grad_budget())
+        for g, group in enumerate(groups):
+            keep = g + 1 < len(groups)
+            ref_grads = _grads(ref_loss, [ref_wrt[i] for i in group], keep)
+            new_grads = _grads(new_loss, [new_wrt[i] for i in group], keep)
+            if reduce_grads is not None:
+                ref_grads = [reduce_grads(t) for t in ref_grads]
+                new_grads = [reduce_grads(t) for t in new_grads]
+            for i, a, b in zip(group, ref_grads, new_grads):
+                if not _close(a, b, low):
+                    return f"gradient of input {i} differs on {what} (max abs diff {_maxdiff(a, b)})"
+            del ref_grads, new_grads
     return None
+
+
+def _grads(loss: torch.Tensor, wrt: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True, retain_graph=retain))
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:

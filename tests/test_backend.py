@@ -166,3 +166,24 @@ def test_the_rewrite_check_reads_weights_in_place_and_copies_an_input_a_graph_wr
     with torch.no_grad():
         assert validate.check_equivalent(graph, graph, [w, x]) is None
     assert torch.equal(w, torch.ones(3, 3)), "the check changed the user's parameter"
+
+
+def test_the_rewrite_check_compares_gradients_a_bounded_group_at_a_time(monkeypatch):
+    """With a 1-byte budget every weight's gradient is its own backward: equal graphs still pass, and a graph
+    whose gradient differs only for the last weight is still caught, naming that input."""
+    from moecc.passes import validate
+
+    def ref(w1, w2, x):
+        return (x @ w1) @ w2
+
+    def wrong(w1, w2, x):  # same output, but w2's gradient is scaled by 2
+        return (x @ w1) @ (w2 + (w2 - w2.detach()))
+
+    w1, w2 = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(3, 4)
+    assert validate.grad_groups([w1, w2, x], 64) == [[0], [1], [2]]
+    assert validate.grad_groups([w1, w2, x], 1 << 20) == [[0, 1, 2]]
+    monkeypatch.setenv("MOECC_CHECK_GRAD_BYTES", "1")
+    same, bad = torch.fx.symbolic_trace(ref), torch.fx.symbolic_trace(wrong)
+    assert validate.check_equivalent(same, same, [w1, w2, x]) is None
+    assert validate.check_equivalent(same, bad, [w1, w2, x]).startswith("gradient of input 1 differs")
