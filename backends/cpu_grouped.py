@@ -435,15 +435,15 @@ def choose(key: tuple) -> str:
 
 def record(key: tuple, path: str, seconds: float) -> None:
     """One calibration sample; decides the bucket once every path has 1 + CALIBRATION_CALLS of them."""
-    if key in _decided or key not in _samples:
+    samples = _samples.get(key)  # None once decided (possibly by another thread's call)
+    if samples is None or key in _decided:
         return
-    samples = _samples[key]
     samples[path].append(seconds)
     if all(len(v) > CALIBRATION_CALLS for v in samples.values()):
         _decided[key] = min(PATHS, key=lambda p: min(samples[p][1:]))
         log.info("moecc: CPU experts bucket %s -> %s (best s: %s)", key, _decided[key],
                  {p: min(v[1:]) for p, v in samples.items()})
-        del _samples[key]
+        _samples.pop(key, None)
 
 
 def decisions() -> dict[tuple, str]:

@@ -10,9 +10,10 @@ at d=512, fp32, forward, and forward+backward from 256 tokens up. Rows (benchmar
                    read again plus their gradients written in the backward, 3x) at this machine's memory bandwidth,
                    measured in the same run as a plain sum over 1 GiB (past the L3 cache). Compute, from 256 tokens:
                    the same FLOPs as one dense SwiGLU chain over all T*K rows or the same rows in E balanced chunks,
-                   no routing (moe_layer.DenseLimit, measured in the rounds). This VM reports a 480 MB L3: weights
-                   a decode loop keeps hot can be read faster than the memory bound, so moecc / limit < 1 is
-                   possible there.
+                   no routing (moe_layer.DenseLimit, measured in the rounds). Neither is a hard floor: the dense
+                   chain is torch ops that materialise [rows, ffn] intermediates which moecc's fused kernel never
+                   writes (moecc / limit < 1 at large T), and this VM reports a 480 MB L3, so weights a decode loop
+                   keeps hot read faster than the memory bound.
 One compiled model per (experts, top-k, ffn) serves every token count (as in serving: Dynamo goes dynamic on the
 second size). Rows are measured in rounds that visit every row in turn (moe_layer.measure_rounds), and the ratios
 to moecc are paired by round, so a slow spell of the shared machine cancels out; moecc is warmed up past its
@@ -21,8 +22,8 @@ per-shape calibration (backends/cpu_grouped.py) before any timed round.
     flock /tmp/moecc-bench.lock python benchmarks/moe_sweep.py --quick             # smoke: two small cells
     flock /tmp/moecc-bench.lock python benchmarks/moe_sweep.py --configs 64,8,256   # one config, ~10 min
 
-Each run updates its cells in benchmarks/results/moe_sweep.json (other cells are kept), then prints the table of
-every cell there.
+Each run updates its cells in benchmarks/results/moe_sweep.json (``_1t.json`` with ``--threads 1``; other cells
+are kept), then prints the table of every cell there.
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def print_table(results: dict, console: Console) -> None:
         c = results["cells"][key]
         head = (f"{c['experts']}, {c['top_k']}, {c['ffn']}", str(c["tokens"]), c["mode"])
         if "skipped" in c:
-            table.add_row(*head, f"[yellow]skipped: {c['skipped']}", *[""] * (len(ROWS) + 3))
+            table.add_row(*head, *["[yellow]skipped"] * (len(ROWS) + 1), "", "", "")
             continue
         ms = c["ms"]
         cells = [f"{ms[r]:.2f}" if r in ms else ("failed" if r in c["failed"] else "-") for r in ROWS]
@@ -189,6 +190,8 @@ def print_table(results: dict, console: Console) -> None:
                       ",".join(c.get("moecc_kernel", [])))
     console.print(table)
     for key, c in results["cells"].items():
+        if "skipped" in c:
+            console.print(f"{key}: skipped: {c['skipped']}")
         for row, why in c.get("failed", {}).items():
             console.print(f"{key}: {row} failed: {why}")
 
@@ -203,8 +206,14 @@ def main(argv=None) -> dict:
                         help="skip a cell whose estimated peak exceeds this share of available memory")
     parser.add_argument("--cell-budget-s", type=float, default=240.0,
                         help="skip a forward+backward cell estimated (from its forward) to take longer")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="intra-op threads (1 stays meaningful while other jobs oversubscribe the cores: a "
+                             "2-thread OpenMP region then waits for a descheduled thread at every barrier)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
+    if args.out == parser.get_default("out") and args.threads != (os.cpu_count() or 1):
+        args.out = args.out.replace(".json", f"_{args.threads}t.json")
+    torch.set_num_threads(args.threads)
     configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";")] if args.configs else list(CONFIGS)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(TOKENS)
     reps = args.reps
