@@ -3,7 +3,7 @@ import pytest
 import torch
 from test_fused_ffn import grads_of, reference_ffn
 
-from moecc.backends import cpu_grouped, expert_ffn_cpu, ops
+from moecc.backends import cpu_grouped, cpu_native, expert_ffn_cpu, ops
 
 needs_kernel = pytest.mark.skipif(cpu_grouped.kernels("silu") is None,
                                   reason="no C++ compiler or no MKL: the grouped kernel is not built")
@@ -171,9 +171,13 @@ def test_without_a_working_compiler_the_per_expert_path_runs(monkeypatch):
 
     monkeypatch.setenv("MOECC_CPU_EXPERTS", "grouped")
     cpu_grouped.kernels.cache_clear()
+    cpu_native.sort_kernel.cache_clear()
     try:
         with fresh_cache(), config.patch({"cpp.cxx": ("/nonexistent/bin/g++",)}):
             assert cpu_grouped.kernels("relu") is None
+            assert cpu_native.sort_kernel() is None
+            order_N, _, offsets_S = ops.sort_by_slot(torch.tensor([2, 0, 2, 1]), 3)  # the torch-ops sort
+            assert order_N.tolist() == [1, 3, 0, 2] and offsets_S.tolist() == [1, 2, 4]
             case = make_case(1)
             cot = torch.randn(case[0].shape[0], 8)
             before = cpu_grouped.runs["per_expert"]
@@ -181,6 +185,7 @@ def test_without_a_working_compiler_the_per_expert_path_runs(monkeypatch):
             assert cpu_grouped.runs["per_expert"] == before + 2
     finally:
         cpu_grouped.kernels.cache_clear()
+        cpu_native.sort_kernel.cache_clear()
     ref, ref_grads = grads_of(reference(case, "relu"), case, cot)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for a, b in zip(grads, ref_grads):
