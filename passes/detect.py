@@ -39,11 +39,18 @@ class Block:
     spec: MoESpec
     topk: fx.Node
     indices: fx.Node  # [..., K] expert ids
-    x: fx.Node  # the router's input: the tokens every expert reads rows of
+    x: fx.Node  # the router's input
     template: ExpertTemplate | None = None
     error: str | None = None  # why this block will not be rewritten
     param_nodes: dict[str, fx.Node] = field(default_factory=dict)
     near_miss: bool = False  # a selection over E scores whose experts (or router) were not recognised
+    expert_x: fx.Node | None = None  # the tokens the experts read rows of, when not the router's input
+
+    @property
+    def rows_from(self) -> fx.Node:
+        """The [tokens, d] value every expert gathers its rows from: the router's input, or (MuseSpark's wider
+        projection, Gemma 4's separately normalised tokens) the other value the experts index by token."""
+        return self.expert_x if self.expert_x is not None else self.x
 
 
 def _params(graph: fx.Graph) -> dict[str, fx.Node]:
@@ -111,6 +118,34 @@ def _anchor(node: fx.Node) -> tuple[int, int, fx.Node] | None:
     if scores is None or not isinstance(scores.shape[-1], int) or not isinstance(k, int) or indices is None:
         return None
     return scores.shape[-1], k, indices
+
+
+def _joined_selections(indices: fx.Node, k: int, num_experts: int) -> tuple[fx.Node, int]:
+    """(expert ids, k) of the selection ``indices`` belongs to: the ids themselves, or, when successive top-1
+    selections over the same E scores are concatenated into the ids the experts read (PhiMoE's sparsemixer:
+    ``max``, mask that expert, ``max`` again, ``cat``), the concatenation and its width."""
+    users = [u for u in indices.users if is_call(u, torch.cat, torch.concat, "cat", "concat")]
+    for cat in users:
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        value = fake(cat)
+        if value is None or value.dim() < 2 or dim not in (-1, value.dim() - 1) or value.is_floating_point():
+            continue
+        if all(isinstance(p, fx.Node) and _selection_ids(p, num_experts) for p in parts) \
+                and isinstance(value.shape[-1], int):
+            return cat, value.shape[-1]
+    return indices, k
+
+
+def _selection_ids(node: fx.Node, num_experts: int) -> bool:
+    """``node`` is the ids output of a selection over ``num_experts`` scores (topk, max, argmax)."""
+    if is_call(node, torch.argmax, "argmax"):
+        anchor = _anchor(node)
+    elif is_call(node, operator.getitem) and node.args[1] == 1 and isinstance(node.args[0], fx.Node):
+        anchor = _anchor(node.args[0])
+    else:
+        return False
+    return anchor is not None and anchor[0] == num_experts and anchor[2] is node
 
 
 def _last_dim(node: fx.Node) -> bool:
@@ -226,6 +261,7 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
         if anchor is None:
             continue
         num_experts, k, indices = anchor
+        indices, k = _joined_selections(indices, k, num_experts)
         gate = _gate_linear(topk, num_experts)
         router_path = module_path(topk)
         if gate is None:
@@ -234,7 +270,7 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
             continue
         exclude = {w for w in (gate.args[1] if len(gate.args) > 1 else None, _router_weight(gate)) if w is not None}
 
-        containers = [(p, m) for p, m in lists.items() if len(m) == num_experts]
+        containers = [(p, m) for p, m in lists.items() if len(m) == num_experts and not _holds(p, m, router_path)]
         near_params = _nearest_params({p: n for p, n in params.items() if n not in exclude}, router_path,
                                       num_experts)
         stacked_loop = _stacked_sources(near_params, num_experts, exclude)
@@ -295,20 +331,70 @@ def detect_moe_blocks(gm: fx.GraphModule) -> list[Block]:
                                             if "shared" in module_path(n) and module_path(n).startswith(block_path)}))
         # A later topk of the same block (the final selection after a group-limited one) replaces the earlier.
         blocks[block_path] = Block(spec=spec, topk=topk, indices=indices, x=gate.args[0], template=template,
-                                   error=error, param_nodes=params)
+                                   error=error, param_nodes=params,
+                                   expert_x=_expert_input(template, gate.args[0], topk) if template else None)
     # A near miss inside (or around) a recognised block is one of its own selections (a group-limited top-k).
     misses = [b for path, b in near.items() if not any(_inside(path, p) or _inside(p, path) for p in blocks)]
     return list(blocks.values()) + misses
+
+
+def _expert_input(template: ExpertTemplate, x: fx.Node, topk: fx.Node) -> fx.Node | None:
+    """The value the experts gather their rows from by token index (``h[token_idx]``, ``h[perm // k]``), when it is
+    another [tokens, d] value than the router's input ``x``; None when the experts read ``x`` (or its casts and
+    views: the same values) or their rows are not gathered by index.
+
+    MuseSpark routes on the hidden states and runs the experts on ``pre_expert_norm(pre_expert_proj(h))`` (a wider
+    width); Gemma 4 normalises the router's input and the experts' input separately.
+    """
+    bases = set()
+    for rows in template.per_expert_rows:
+        if not (is_call(rows, operator.getitem) and isinstance(rows.args[0], fx.Node)
+                and isinstance(rows.args[1], fx.Node)):
+            return None  # rows split from a sorted copy, or every row (dense): nothing gathered by index here
+        bases.add(rows.args[0])
+    if len(bases) != 1:
+        return None
+    base = bases.pop()
+    base_fake, x_fake = fake(base), fake(x)
+    if base is x or base_fake is None or x_fake is None or base_fake.dim() != 2:
+        return None
+    tokens = str(x_fake.numel() // x_fake.shape[-1]) if isinstance(x_fake.shape[-1], int) and x_fake.shape[-1] else None
+    if tokens is None or str(base_fake.shape[0]) != tokens:
+        return None  # not one row per token of the router's input
+    if base in _views_of(x) or x in _views_of(base):
+        return None
+    if topk in ancestors([base]):
+        return None  # a copy arranged by the routing (rows sorted by expert), not the tokens themselves
+    return base
+
+
+_SAME_VALUES = {"view", "reshape", "contiguous", "to", "float", "type", "type_as", "flatten"}
+
+
+def _views_of(node: fx.Node) -> set[fx.Node]:
+    """``node`` and what it is a view or cast of (the chain of single-input reshapes and casts below it)."""
+    chain = {node}
+    while node.op in ("call_method", "call_function") and target_name(node) in _SAME_VALUES and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        chain.add(node)
+    return chain
 
 
 def _expert_sized(params: dict[str, fx.Node], lists: dict, router_path: str, num_experts: int) -> bool:
     """Whether the graph holds E-sized expert candidates near ``router_path``: a ModuleList of E modules or a
     parameter stacked ``[E, ...]``, in the router's module or an enclosing one's."""
     owner = stacked_path_parent(router_path)
-    near = [p for p, m in lists.items() if len(m) == num_experts]
+    near = [p for p, m in lists.items() if len(m) == num_experts and not _holds(p, m, router_path)]
     near += [stacked_path_parent(p) for p, n in params.items()
              if (v := fake(n)) is not None and v.dim() >= 2 and v.shape[0] == num_experts]
     return any(_inside(p, owner) or _inside(owner, p) for p in near)
+
+
+def _holds(prefix: str, members: dict, router_path: str) -> bool:
+    """The router runs inside one member of the ModuleList ``prefix``: those are the model's layers (two decoder
+    layers and a top-1 over 2 scores in one of them), not the router's experts."""
+    return any(_inside(router_path, f"{prefix}.{i}" if prefix else str(i)) for i in members)
 
 
 _ROUTER_WORDS = re.compile(r"gate|gating|router|routing|moe|expert", re.IGNORECASE)

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .graph_utils import LINEAR, MATMUL, ancestors, descendants, fake, is_call, is_inplace, target_name
+from .graph_utils import (
+    LINEAR,
+    MATMUL,
+    ancestors,
+    descendants,
+    fake,
+    is_call,
+    is_inplace,
+    source_path,
+    target_name,
+)
 
 # Ops that only view or re-lay out a weight (``w[e].t()``), folded into the weight reference.
 _WEIGHT_VIEWS = {"t", "T", "mT", "transpose", "contiguous", "to", "float", "bfloat16", "half", torch.transpose,
@@ -53,6 +63,9 @@ class ExpertTemplate:
     per_expert_outputs: list[fx.Node]  # last node of each expert's computation
     per_expert_rows: list[fx.Node]
     sources: set[fx.Node] = field(default_factory=set)  # every weight-expression node of every expert
+    # Token-independent values the computation reads besides its expert weights: parameters shared by every
+    # expert and what is computed from them alone (MuseSpark's ``post_expert_norm`` weight, ``1 + w``).
+    constants: set[fx.Node] = field(default_factory=set)
 
 
 def _strip_views(node: fx.Node) -> tuple[fx.Node, int]:
@@ -128,7 +141,63 @@ def _computation(sources: list[fx.Node], node_index: dict[fx.Node, int]):
         nodes.append(tail)
     while len(nodes[-1].users) == 1 and _is_output_cast(tail := next(iter(nodes[-1].users)), nodes[-1]):
         nodes.append(tail)
-    return nodes, rows, exprs
+    nodes, constants = _shared_epilogue(nodes, reach, node_index)
+    return nodes, rows, exprs, constants
+
+
+def _shared_epilogue(nodes: list[fx.Node], reach: set[fx.Node], node_index: dict[fx.Node, int]):
+    """``nodes`` extended by the row-wise ops after the expert's last weight product that read only the expert's
+    values and token-independent parameters (a norm with one weight for every expert: MuseSpark's
+    ``post_expert_norm`` before the routing weights), with those parameters' values; ``nodes`` unchanged, and no
+    constants, when the ops found do not end in one value that alone leaves the expert."""
+    rows_count = str(fake(nodes[-1]).shape[0]) if fake(nodes[-1]) is not None and fake(nodes[-1]).dim() else None
+    if rows_count is None:
+        return nodes, set()
+    body, added, constants, memo = set(nodes), [], set(), {}
+    todo = sorted({u for n in nodes for u in n.users}, key=node_index.__getitem__)
+    while todo:
+        u = todo.pop(0)
+        if u in body or u.op not in ("call_function", "call_method") or is_inplace(u):
+            continue
+        value = fake(u)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or str(value.shape[0]) != rows_count:
+            continue
+        outside = [a for a in u.all_input_nodes if a not in body]
+        if not all(a not in reach and _token_independent(a, memo) for a in outside):
+            continue
+        body.add(u)
+        added.append(u)
+        constants.update(outside)
+        todo = sorted(set(todo) | set(u.users), key=node_index.__getitem__)
+    if not added:
+        return nodes, set()
+    escaping = [n for n in body if any(user not in body for user in n.users)]
+    last = max(added, key=node_index.__getitem__)
+    if escaping != [last]:
+        return nodes, set()
+    return sorted(body, key=node_index.__getitem__), constants
+
+
+def _token_independent(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """``node`` is computed from module parameters and buffers alone (no graph input, no token)."""
+    if node in memo:
+        return memo[node]
+    seen, todo, result = {node}, [node], True
+    while todo and result:
+        n = todo.pop()
+        if n in memo:
+            result = memo[n]
+        elif n.op == "placeholder":
+            result = source_path(n) is not None
+        elif n.op != "get_attr":
+            if not n.all_input_nodes:  # a factory (arange, zeros): fine only as part of a parameter's expression
+                result = n is not node
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+    memo[node] = result
+    return result
 
 
 def _prelude_chain(node: fx.Node) -> list[fx.Node]:
@@ -170,7 +239,7 @@ def _data_inputs(node: fx.Node) -> list[fx.Node]:
     return node.all_input_nodes
 
 
-def _signature(nodes, rows, exprs, role_of) -> list:
+def _signature(nodes, rows, exprs, role_of, constants=frozenset()) -> list:
     pos = {n: i for i, n in enumerate(nodes)}
 
     def norm(a):
@@ -182,6 +251,8 @@ def _signature(nodes, rows, exprs, role_of) -> list:
             if a in exprs:
                 src, transposes = exprs[a]
                 return ("w", role_of(src), transposes % 2)
+            if a in constants:  # recomputed per expert in a loop (``1 + norm.weight``): the same expression
+                return ("const", _expression(a))
             return ("ext", a.name)
         if isinstance(a, (list, tuple)):
             return tuple(norm(x) for x in a)
@@ -189,6 +260,21 @@ def _signature(nodes, rows, exprs, role_of) -> list:
 
     return [(n.op, str(n.target), norm(n.args), tuple(sorted((k, norm(v)) for k, v in n.kwargs.items())))
             for n in nodes]
+
+
+def _expression(node: fx.Node):
+    """A token-independent value as the expression that computes it, down to the placeholders (by name)."""
+    if node.op in ("placeholder", "get_attr"):
+        return (node.op, node.name)
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return _expression(a)
+        if isinstance(a, (list, tuple)):
+            return tuple(arg(x) for x in a)
+        return repr(a)
+
+    return (node.op, str(node.target), arg(node.args), tuple(sorted((k, arg(v)) for k, v in node.kwargs.items())))
 
 
 def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_nodes: dict[str, fx.Node] | None,
@@ -201,12 +287,12 @@ def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_n
     """
     node_index = {n: i for i, n in enumerate(graph.nodes)}
     computations = [_computation(srcs, node_index) for srcs in per_expert_sources]
-    signatures = [_signature(nodes, rows, exprs, role_of) for nodes, rows, exprs in computations]
+    signatures = [_signature(nodes, rows, exprs, role_of, constants) for nodes, rows, exprs, constants in computations]
     for e, sig in enumerate(signatures[1:], start=1):
         if sig != signatures[0]:
             raise TemplateError(f"expert {e} computes something different from expert 0")
     _check_independent(computations, node_index)
-    nodes, rows, exprs = computations[0]
+    nodes, rows, exprs, constants = computations[0]
 
     weights: dict[fx.Node, WeightRef] = {}
     for expr, (src, transposes) in exprs.items():
@@ -215,23 +301,24 @@ def extract_template(per_expert_sources: list[list[fx.Node]], role_of, stacked_n
             ref_nodes = [stacked_nodes[role]]
         else:
             ref_nodes = []
-            for _, _, other_exprs in computations:
+            for _, _, other_exprs, _ in computations:
                 match = [s for s, _ in other_exprs.values() if role_of(s) == role]
                 ref_nodes.append(match[0])
         weights[expr] = WeightRef(role=role, nodes=ref_nodes, transposed=bool(transposes % 2),
                                   cast=_cast_of(expr, stacked_nodes[role] if stacked_nodes is not None else src))
-    all_sources = {n for _, _, ex in computations for n in ex}
+    all_sources = {n for _, _, ex, _ in computations for n in ex}
     return ExpertTemplate(rows=rows, nodes=nodes, weights=weights,
                           per_expert_outputs=[_value_of(c[0][-1]) for c in computations],
-                          per_expert_rows=[c[1] for c in computations], sources=all_sources)
+                          per_expert_rows=[c[1] for c in computations], sources=all_sources,
+                          constants=constants)
 
 
 def _check_independent(computations, node_index: dict[fx.Node, int]) -> None:
     """Each expert reads only its own rows: one whose input depends on another expert's computation (a chain of
     experts, a running statistic) is not a set of E experts that can run side by side."""
-    owner = {n: e for e, (nodes, _, _) in enumerate(computations) for n in nodes}
+    owner = {n: e for e, (nodes, _, _, _) in enumerate(computations) for n in nodes}
     first = min((node_index[n] for n in owner), default=0)
-    for e, (_, rows, _) in enumerate(computations):
+    for e, (_, rows, _, _) in enumerate(computations):
         todo, seen = [rows], set()
         while todo:  # ancestors of the rows, down to where the first expert starts
             n = todo.pop()
@@ -302,6 +389,8 @@ def emit_grouped(graph: fx.Graph, template: ExpertTemplate, env: dict[fx.Node, f
                 if weight_dims(ref) == 1:
                     return row_bias(ref)
                 raise TemplateError(f"expert weight {ref.role} used by an op moecc cannot group")
+            if a in template.constants and a in env:
+                return env[a]
             raise TemplateError(f"expert computation reads {a.name}")
         if isinstance(a, (list, tuple)):
             return type(a)(arg(x) for x in a)

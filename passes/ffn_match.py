@@ -94,6 +94,8 @@ def match_fused_ffn(template: ExpertTemplate) -> FusedFFN | None:
         return None
     if any(ref.cast is not None for ref in template.weights.values()):  # the fused op reads weights as stored
         return None
+    if template.constants:  # shared parameters after the FFN (a post-expert norm): not the fused op's FFN
+        return None
     rows_fake = fake(template.rows)
     if rows_fake is None or rows_fake.dtype != torch.float32 or rows_fake.device.type != "cpu":
         return None

@@ -89,11 +89,134 @@ def switch_forward(self, hidden_states, selected_experts, routing_weights):
     return final_hidden_states
 
 
-# AST fingerprint of an experts ``forward`` text (transformers 5.23.0) -> (who has it, its traceable equivalent).
+def gated_template_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The Mixtral text with the gate computed by ``self._apply_gate`` (clamped SwiGLU): Step3p7, Beam,
+    DeepSeek-V4, GLM-5-Next, HY-V4 (and its VL model), MiniMax-M3-VL."""
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(mask[expert_idx])
+        current = self._apply_gate(F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]))
+        current = F.linear(current, self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, current.to(final.dtype))
+    return final
+
+
+def gated_fp32_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Inkling2 (and its loop model): the gated text accumulated in fp32, cast back at the end."""
+    final_hidden_states = torch.zeros_like(hidden_states, dtype=torch.float32)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        current_hidden_states = self._apply_gate(F.linear(current_state, self.gate_up_proj[expert_idx]))
+        current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states.to(hidden_states.dtype)
+
+
+def post_norm_forward(self, hidden_states, top_k_index, top_k_weights):
+    """MuseSpark: the Mixtral text with ``self.post_expert_norm`` on each expert's output before its weight."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = self.post_expert_norm(current_hidden_states)
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+def matmul_template_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Aria: the Mixtral text with ``@`` over ``gate_up_proj [E, H, 2F]`` and ``down_proj [E, F, H]``."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = (current_state @ self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = current_hidden_states @ self.down_proj[expert_idx]
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+def ungated_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Nemotron-H: ``down_proj(act(up_proj(x)))`` per expert, accumulated in the routing weights' dtype (an expert
+    with no rows is skipped in HF and adds an empty ``index_add_`` here: the same)."""
+    final_hidden_states = torch.zeros_like(hidden_states, dtype=top_k_weights.dtype)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        current_hidden_states = F.linear(current_state, self.up_proj[expert_idx])
+        current_hidden_states = self.act_fn(current_hidden_states)
+        current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states.to(hidden_states.dtype)
+
+
+def gpt_oss_fp32_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    """OpenAI privacy filter: the GPT-OSS text with every product and the accumulation in fp32."""
+    original_dtype = hidden_states.dtype
+    next_states = torch.zeros_like(hidden_states, dtype=torch.float32, device=hidden_states.device)
+    with torch.no_grad():
+        expert_mask = F.one_hot(router_indices, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate_up = (current_state.float() @ self.gate_up_proj[expert_idx].float()
+                   + self.gate_up_proj_bias[expert_idx].float())
+        gated_output = self._apply_gate(gate_up).float()
+        out = gated_output.float() @ self.down_proj[expert_idx].float() + self.down_proj_bias[expert_idx].float()
+        weighted_output = out * routing_weights[token_idx, top_k_pos, None].float()
+        next_states.index_add_(0, token_idx, weighted_output)
+    return next_states.to(original_dtype)
+
+
+def nllb_forward(self, hidden_states, router_mask, router_probs):
+    """NLLB-MoE: ModuleDict ``expert_<i>`` of dense FFNs, top-2 ids ``router_mask [T, k]`` and their
+    probabilities (zero for a token past its expert's capacity), the token dropout of ``moe_token_dropout``."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    expert_mask = F.one_hot(router_mask, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        idx, top_x = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+        current_hidden_states = self[f"expert_{expert_idx}"](current_state) * router_probs[top_x, idx, None]
+        if self.moe_token_dropout > 0:
+            if self.training:
+                current_hidden_states = self.token_dropout(current_hidden_states)
+            else:
+                current_hidden_states *= 1 - self.moe_token_dropout
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    return final_hidden_states
+
+
+# AST fingerprint of an experts ``forward`` text -> (who has it, its traceable equivalent). The first three are
+# those of transformers 5.23.0; the others were read off 5.24.0.
 EQUIVALENTS: dict[str, tuple[str, Callable]] = {
     "1369e7d0ba6f": ("MixtralExperts and 53 other families", mixtral_template_forward),
     "646c9a88c160": ("GptOssExperts", gpt_oss_forward),
     "48e2baadb5c6": ("SwitchTransformersExperts", switch_forward),
+    "c6ce569f742f": ("Step3p7Experts and 6 other families", gated_template_forward),
+    "ef4ba363b473": ("Inkling2Experts, Inkling2LoopExperts", gated_fp32_forward),
+    "8180748fd664": ("MuseSparkExperts", post_norm_forward),
+    "fac4eceee11e": ("AriaExperts", matmul_template_forward),
+    "f63522dddeaf": ("NemotronHExperts", ungated_forward),
+    "71f78c97dd0c": ("OpenAIPrivacyFilterExperts", gpt_oss_fp32_forward),
+    "77f5c979ebb1": ("NllbMoeExperts", nllb_forward),
 }
 
 

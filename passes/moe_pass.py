@@ -217,7 +217,7 @@ def _accepted(plan: _Plan, real: dict, graph_name: str, elapsed: float, buffers:
     return BlockResult(spec=plan.block.spec, outcome="rewritten", graph=graph_name, check_s=elapsed,
                        kernel=plan.ffn.kind if plan.ffn is not None else "grouped GEMM", dispatch=plan.dispatch,
                        buffers=buffers, experts=_expert_weights(plan.block, real),
-                       d_model=int(fake(plan.block.x).shape[-1]), send_rows=send_rows)
+                       d_model=int(fake(plan.block.rows_from).shape[-1]), send_rows=send_rows)
 
 
 def _expert_weights(block: Block, real: dict) -> ExpertWeights:

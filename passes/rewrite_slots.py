@@ -35,8 +35,10 @@ from .graph_utils import (
     fake,
     is_call,
     is_inplace,
+    module_path,
     numel_key,
     same_shape,
+    source_path,
     target_name,
 )
 
@@ -152,8 +154,8 @@ def emit_slot_moe(graph: fx.Graph, block: Block, env: dict, buffers: dict[str, f
     from moecc.backends import ops  # noqa: F401  (registers torch.ops.moecc)
 
     top_k = block.spec.router.top_k
-    width = fake(block.x).shape[-1]
-    x_TD = graph.call_method("reshape", (env[block.x], -1, width))
+    width = fake(block.rows_from).shape[-1]
+    x_TD = graph.call_method("reshape", (env[block.rows_from], -1, width))
     idx_N = graph.call_method("reshape", (env[block.indices], -1))
     w_TK = graph.call_method("reshape", (env["weights"], -1, top_k))
 
@@ -224,8 +226,9 @@ def _standalone(block: Block, weight_node: fx.Node, ffn: FusedFFN | None = None
     from moecc.backends.dispatch import LocalDispatch
 
     graph = fx.Graph()
-    inputs = [block.x, block.indices, weight_node] + sorted(
-        {n for ref in block.template.weights.values() for n in ref.nodes}, key=lambda n: n.name)
+    inputs = [block.rows_from, block.indices, weight_node] + sorted(
+        {n for ref in block.template.weights.values() for n in ref.nodes} | block.template.constants,
+        key=lambda n: n.name)
     env = {n: graph.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
     env["weights"] = env[weight_node]
     dispatch = LocalDispatch(block.spec.num_experts)
@@ -261,9 +264,9 @@ def _routing_candidates(gm: fx.GraphModule, block: Block):
     """(routing-weight candidates, routed-output candidates with their holders, every node the probe reads)."""
     node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
     weights = _weight_candidates(block, node_index)
-    outputs = _output_candidates(block, node_index, numel_key(fake(block.x)))
-    wanted = {block.x, block.indices, *weights, *(o for o, _ in outputs),
-              *{n for ref in block.template.weights.values() for n in ref.nodes}}
+    outputs = _output_candidates(block, node_index, numel_key(fake(block.rows_from)))
+    wanted = {block.rows_from, block.indices, *weights, *(o for o, _ in outputs),
+              *{n for ref in block.template.weights.values() for n in ref.nodes}, *block.template.constants}
     return weights, outputs, wanted
 
 
@@ -275,7 +278,7 @@ def record_routing_values(gm: fx.GraphModule, blocks: list[Block], inputs) -> di
 
 def _check_routable(block: Block, weights: list[fx.Node], values: dict[fx.Node, torch.Tensor]) -> None:
     """Refuse, by name, example inputs on which the numeric probe cannot tell the candidates apart."""
-    if block.x in values and values[block.x].numel() == 0:
+    if block.rows_from in values and values[block.rows_from].numel() == 0:
         raise RewriteError("no tokens in this graph's inputs: nothing to route, the original graph runs")
     candidates = [values[w] for w in weights if w in values]
     # Only when every candidate is NaN: with k = E a candidate may legitimately hold -inf-masked entries.
@@ -306,8 +309,29 @@ def find_routing(gm: fx.GraphModule, block: Block, inputs, ffn: FusedFFN | None 
         for out, holder in outputs:
             if out in values and _matches(values[out], expected, low):
                 return Routing(weights=w, routed=out, holder=holder, indices_value=values[block.indices])
-    raise RewriteError("the slot-form computation does not reproduce any value of the block "
-                       "(routing or combine semantics moecc does not model, e.g. capacity dropping)")
+    raise RewriteError(_joined_experts(block) or "the slot-form computation does not reproduce any value of the "
+                       "block (routing or combine semantics moecc does not model, e.g. capacity dropping)")
+
+
+def _joined_experts(block: Block) -> str | None:
+    """Why no value was reproduced when every expert's output is joined by one ``torch.cat`` that the block computes
+    on further (JetMoE's ParallelExperts: ``split`` -> per-expert linear -> ``cat``, then the activation and a second
+    such product): the expert moecc took is only the first part of each expert, in words a user can act on."""
+    outs = block.template.per_expert_outputs
+    joins = {u for o in outs for u in o.users if is_call(u, torch.cat, torch.concat, "cat", "concat")}
+    if len(outs) < 2 or len(joins) != 1 or not all(any(u in joins for u in o.users) for o in outs):
+        return None
+    path = block.spec.path
+    own = [n for n in descendants(joins) if not path or module_path(n) == path or module_path(n).startswith(path + ".")]
+    later = sorted({source_path(a.args[0]) or a.args[0].name for n in own for a in n.all_input_nodes
+                    if is_call(a, operator.getitem) and isinstance(a.args[0], fx.Node)
+                    and a.args[0].op == "placeholder" and isinstance(a.args[1], int)
+                    and a not in block.template.sources})
+    then = f"; later ops read more expert weights per expert ({', '.join(later)})" if later else ""
+    return ("each expert's output is joined with the others' by one torch.cat and computed on further before the "
+            f"routing weights are applied{then}: moecc lifts an expert only when its whole computation runs on its "
+            "own rows, from its input rows to its weighted output (write each expert's weights as w[e] in one "
+            "per-expert computation, or call torch._grouped_mm over the rows sorted by expert)")
 
 
 def _view_like(graph: fx.Graph, out_TD: fx.Node, target: fx.Node, kept: list[fx.Node]) -> fx.Node:
@@ -356,9 +380,10 @@ def rewrite_block(gm: fx.GraphModule, block: Block, routing: Routing, dispatch: 
     with graph.inserting_before(first_use):
         placement = {key: graph.get_attr(f"{buffer_name}_{key}") for key in buffers}
         env = {n: n for ref in block.template.weights.values() for n in ref.nodes}
-        env.update({block.x: block.x, block.indices: block.indices, "weights": routing.weights})
+        env.update({n: n for n in block.template.constants})
+        env.update({block.rows_from: block.rows_from, block.indices: block.indices, "weights": routing.weights})
         out_TD = emit_slot_moe(graph, block, env, placement, dispatch, ffn)
-        kept = [block.x] + sorted(ancestors([block.x]), key=position.__getitem__, reverse=True)
+        kept = [block.rows_from] + sorted(ancestors([block.rows_from]), key=position.__getitem__, reverse=True)
         out = _view_like(graph, out_TD, routing.routed, kept)
     for u in live_users:
         u.replace_input_with(routing.routed, out)

@@ -40,14 +40,16 @@ class Seq2SeqLogits(torch.nn.Module):
     turns into a graph break at the top of the model.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, output: str = "logits"):
         super().__init__()
         self.model = model
+        self.output = output  # "last_hidden_state" for a base model without an LM head (NLLB-MoE)
 
     def forward(self, tokens):
         mask = torch.ones_like(tokens)
-        return self.model(input_ids=tokens, attention_mask=mask, decoder_input_ids=tokens,
-                          decoder_attention_mask=mask, use_cache=False).logits
+        out = self.model(input_ids=tokens, attention_mask=mask, decoder_input_ids=tokens,
+                         decoder_attention_mask=mask, use_cache=False)
+        return getattr(out, self.output)
 
 
 def _config(family: str, s: dict):
@@ -277,8 +279,38 @@ _TINY_FIELDS = dict(
 )
 _CONFIG_KEYS = {"nllb_moe": "nllb-moe"}  # model types spelled otherwise than their folder
 # Families whose first layers are dense (or hash-routed) by default: at two layers they would have no MoE block.
-_FAMILY_FIELDS = {"beam": dict(mlp_layer_types=["sparse", "sparse"]),
-                  "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe"])}
+# The others: fields their validators tie to the tiny sizes above, or sub-configs the shared fields do not reach.
+_ROPE = dict(rope_type="default", rope_theta=10000.0)
+_FAMILY_FIELDS = {
+    "beam": dict(mlp_layer_types=["sparse", "sparse"]),
+    "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe"]),
+    # its own field names; attention and experts are sub-configs (RoPE theta and clip_qkv must be set)
+    "dbrx": dict(d_model=16, n_heads=2, n_layers=2, max_seq_len=128, vocab_size=64,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
+    "deepseek_ocr2": dict(mlp_layer_types=["sparse", "sparse"]),  # no default: every layer indexes it
+    # multimodal RoPE: the sections must sum to the rotary half-width (head_dim 8, half of it rotary in GLM-4V)
+    "ernie4_5_vl_moe": dict(rope_parameters={**_ROPE, "mrope_section": [1, 1, 2]}),
+    "glm4v_moe": dict(rope_parameters={**_ROPE, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 0]}),
+    "hy_v4_vl": dict(qk_rope_head_dim=4, rope_parameters={**_ROPE, "mrope_section": [1, 1, 0]}),
+    # DSA attention layers take no RoPE; its linear-attention and indexer widths are separate fields
+    "glm5_next": dict(qk_rope_head_dim=0, mlp_layer_types=["sparse", "sparse"], linear_head_dim=8,
+                      linear_num_heads=2, index_head_dim=8, index_n_heads=2, index_topk=8, index_kpool=4),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8),  # 4 heads of 8 = 2 x hidden
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # no default: every layer indexes it
+    # sliding-window layers hold twice the KV heads: 4 query heads over 1 (2 in those layers)
+    "mimo_v2_flash": dict(num_attention_heads=4, num_key_value_heads=1, v_head_dim=8),
+    "step3p7": dict(layer_types=["full_attention"] * 2, mlp_layer_types=["sparse"] * 2, share_expert_dim=32,
+                    sliding_window=4),  # the sliding mask is built even with no sliding layer
+    "zaya": dict(num_experts_per_tok=1),  # top-1 only
+    "muse_spark": dict(moe_hidden_size=32),  # experts run wider than the router (4096 by default)
+    # encoder-decoder with its own field names; every layer sparse; capacity 4 of the 12 tokens' 24 choices
+    "nllb_moe": dict(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32,
+                     decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4,
+                     expert_capacity=4, encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=128,
+                     dropout=0.0, attention_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+                     moe_token_dropout=0.0),
+}
 
 
 def _field(config, name: str):
@@ -303,30 +335,53 @@ def _declared_fields(config) -> set[str]:
     return fields | set(vars(config))
 
 
-def _config_key(family: str) -> tuple[str, bool]:
-    """(config key, has a causal-LM head): the text model of a multimodal family, else the family itself."""
+def _config_class(family: str):
+    """The config class of the family's text model: ``<family>_text`` when registered, else the family's, or its
+    ``text_config`` sub-config when the family's config is a composite without a registered text config."""
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LM
 
     family = _CONFIG_KEYS.get(family, family)
-    for key in (f"{family}_text", family):
-        if key in CONFIG_MAPPING and key in LM:
-            return key, True
-    key = f"{family}_text" if f"{family}_text" in CONFIG_MAPPING else family
-    return key, False
+    if f"{family}_text" in CONFIG_MAPPING:
+        return CONFIG_MAPPING[f"{family}_text"]
+    cls = CONFIG_MAPPING[family]
+    return (getattr(cls, "sub_configs", None) or {}).get("text_config") or cls
+
+
+def _model_class(config):
+    """(model class for ``config``, has a causal-LM head): the Auto causal-LM or base model class for it, else the
+    class of the family's modeling module built from that config class (a multimodal family's text model that no
+    Auto class lists), a causal-LM head first."""
+    import importlib
+    import inspect
+
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    cls = type(config)
+    if cls in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[cls], True
+    if cls in MODEL_MAPPING:
+        return MODEL_MAPPING[cls], False
+    module = importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))
+    models = [c for name, c in vars(module).items() if inspect.isclass(c) and issubclass(c, PreTrainedModel)
+              and c.__module__ == module.__name__ and getattr(c, "config_class", None) is cls
+              and "PreTrained" not in name]
+    for suffix, causal in (("ForCausalLM", True), ("Model", False)):
+        found = [c for c in models if c.__name__.endswith(suffix)]
+        if found:
+            return found[0], causal
+    raise ValueError(f"no model class in {module.__name__} is built from {cls.__name__}")
 
 
 def tiny_config(family: str):
-    """The family's config at tiny size: the shared fields it has set small, the rest its defaults."""
-    from transformers import CONFIG_MAPPING
-
-    key, _ = _config_key(family)
-    cls = CONFIG_MAPPING[key]
+    """The family's config at tiny size: the shared fields it has set small, the family's own overrides
+    (``_FAMILY_FIELDS``: fields its validators tie together, sub-configs), the rest its defaults."""
+    cls = _config_class(family)
     defaults = cls()
     fields = {k: v for k, v in _TINY_FIELDS.items() if _fits(defaults, k, v)}
     if fields.get("qk_rope_head_dim") is not None and "head_dim" in fields:  # MLA: head_dim is the rope part
         fields["head_dim"] = fields["qk_rope_head_dim"]
-    config = cls(**fields, **_FAMILY_FIELDS.get(family, {}))
+    config = cls(**{**fields, **_FAMILY_FIELDS.get(family, {})})
     config._attn_implementation = "eager"
     return config
 
@@ -344,24 +399,24 @@ class Hidden(torch.nn.Module):
 
 def build_any(family: str, impl: str = "grouped_mm", seed: int = 0):
     """(module from token ids to a tensor, a batch of token ids) for any family of ``ALL_FAMILIES``."""
-    import transformers as T
-
     if family in FAMILIES or family == "switch_transformers":  # the families built by hand above
         name = "switch" if family == "switch_transformers" else family
         return build(name, impl if impl in IMPLS[name] else "eager", seed=seed)
-    _, causal = _config_key(family)
-    auto = T.AutoModelForCausalLM if causal else T.AutoModel
     config = tiny_config(family)
+    cls, causal = _model_class(config)
     config._experts_implementation = impl
     torch.manual_seed(seed)
     try:
-        model = auto.from_config(config)
+        model = cls._from_config(config)
     except ValueError as exc:  # a family with its own experts code takes no implementation
         if "does not support setting experts implementation" not in str(exc):
             raise
         config = tiny_config(family)
-        model = auto.from_config(config)
-    model = Logits(model) if causal else Hidden(model)
+        model = cls._from_config(config)
+    if config.is_encoder_decoder:
+        model = Seq2SeqLogits(model, "logits" if causal else "last_hidden_state")
+    else:
+        model = Logits(model) if causal else Hidden(model)
     model.train(False)
     gen = torch.Generator().manual_seed(seed + 1)
     return model, lambda: torch.randint(1, 64, (2, 6), generator=gen)
@@ -382,3 +437,62 @@ def survey(family: str, impl: str = "grouped_mm") -> list[tuple[str, str]]:
         return [("", f"not traced: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")]
     rows = [(b.spec.path, f"{b.outcome} [{b.spec.form}; {b.spec.summary()}]") for b in found.blocks]
     return rows or [("", f"no row ({found.graphs} graphs, breaks: {'; '.join(found.graph_breaks)[:200]})")]
+
+
+def survey_status(rows: list[tuple[str, str]]) -> tuple[str, str]:
+    """(status, what the report says) of one :func:`survey`, as docs/hf.md's table shows them."""
+    first = rows[0][1]
+    for prefix, status in (("not built: ", "not built here"), ("not traced: ", "not traced here"),
+                           ("no row", "no row (a bug)")):
+        if first.startswith(prefix):
+            return status, first.removeprefix(prefix)
+    parsed = [outcome.rpartition(" [") if outcome.endswith("]") else (outcome, "", "") for _, outcome in rows]
+    done = [(o, tail[:-1]) for o, _, tail in parsed if o.startswith("rewritten")]
+    if len(done) == len(rows):
+        form, _, summary = done[0][1].partition("; ")
+        return "rewritten", f"{len(rows)} blocks, {form}: {summary}"
+    reasons = list(dict.fromkeys(o for o, _, _ in parsed if not o.startswith("rewritten")))
+    if done:
+        status = f"{len(done)}/{len(rows)} rewritten"
+    else:
+        status = "fallback" if all(r.startswith("fallback") for r in reasons) else "not rewritten"
+    why = "; ".join(r.split(": ", 1)[-1] for r in reasons[:2])
+    return status, f"{len(done)}/{len(rows)} rewritten; {why[:400]}"
+
+
+def _survey_in_child(family: str, impl: str, timeout: float = 900.0) -> list[tuple[str, str]]:
+    """:func:`survey` in a fresh process (one family's model, Dynamo state and checks freed with it)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--one", family, impl]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [("", f"not traced: timed out after {timeout:.0f} s")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    if done.returncode or not lines:
+        return [("", f"not traced: the survey process ended with status {done.returncode}"
+                     f" ({(done.stderr.strip().splitlines() or [''])[-1][:160]})")]
+    return [tuple(row) for row in json.loads(lines[-1])]
+
+
+def table_row(family: str) -> str:
+    """docs/hf.md's row for ``family``: its survey under grouped_mm and under "eager", each in its own process."""
+    (g, g_what), (e, e_what) = (survey_status(_survey_in_child(family, impl)) for impl in ("grouped_mm", "eager"))
+    what = g_what if e == g else f"{g_what}. Eager: {e_what}"
+    return f"| {family} | {g} | {e} | {what.replace('|', '/')} |"
+
+
+if __name__ == "__main__":
+    # python tests/hf_zoo.py [FAMILY ...]: docs/hf.md's survey rows (all families without arguments), one process
+    # per survey; python tests/hf_zoo.py --one FAMILY IMPL: one survey's rows as JSON (what each child runs).
+    import json
+    import sys
+
+    if sys.argv[1:2] == ["--one"]:
+        print(json.dumps(survey(sys.argv[2], sys.argv[3])), flush=True)
+    else:
+        for name in sys.argv[1:] or ALL_FAMILIES:
+            print(table_row(name), flush=True)

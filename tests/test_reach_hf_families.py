@@ -26,8 +26,10 @@ REWRITTEN = {
 
 # The whole survey keeps ~300 MB per family alive in one process (24 GB for all 74: the OOM killer on a CI machine),
 # so the suite runs a sample of different designs; MOECC_ALL_FAMILIES=1 runs every family (docs/hf.md's table).
+# muse_spark: experts on a wider projection than the router's input, with a shared post-expert norm; phimoe: two
+# top-1 selections joined into a top-2.
 SAMPLE = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "jamba", "granitemoeshared", "llama4",
-          "switch_transformers"]
+          "switch_transformers", "muse_spark", "phimoe"]
 FAMILIES = hf_zoo.ALL_FAMILIES if os.environ.get("MOECC_ALL_FAMILIES") else [
     f for f in hf_zoo.ALL_FAMILIES if f in SAMPLE]
 
@@ -44,3 +46,28 @@ def test_family_has_a_row_per_block_each_rewritten_or_with_its_reason(family):
         assert outcome.startswith("rewritten") or outcome.startswith(("fallback: ", "not rewritten: ")), outcome
     if family in REWRITTEN:
         assert all(outcome.startswith("rewritten") for _, outcome in rows), rows
+
+
+# One family per eager experts text of passes/hf_eager.py read off transformers 5.24.0 (the Mixtral, GPT-OSS and
+# Switch texts are tested in test_hf_eager.py).
+EAGER_TEXTS = ["step3p7", "inkling2", "muse_spark", "aria", "nemotron_h", "openai_privacy_filter", "nllb_moe"]
+
+
+@pytest.mark.parametrize("family", EAGER_TEXTS)
+def test_eager_equivalent_equals_the_hf_loop_bit_for_bit(family):
+    import torch
+
+    from moecc.passes import hf_eager
+
+    model, make_input = hf_zoo.build_any(family, "eager")
+    covered = hf_eager.experts_classes()
+    experts = next(m for m in model.modules() if hf_eager.eager_forward(type(m)) in covered)
+    calls = []
+    handle = experts.register_forward_hook(lambda mod, args, out: calls.append(args))
+    with torch.no_grad():
+        model(make_input())
+    handle.remove()
+    traceable, eager = covered[hf_eager.eager_forward(type(experts))], hf_eager.eager_forward(type(experts))
+    assert traceable is not hf_eager.mixtral_template_forward
+    for args in calls:
+        assert torch.equal(traceable(experts, *args), eager(experts, *args))
