@@ -108,13 +108,13 @@ def all_to_all_rows(x: Tensor, send_counts_R: Tensor, recv_counts_R: Tensor, gro
     recv, send = recv_counts_R.tolist(), send_counts_R.tolist()
     # Rows past the sent ones (dropped by a capacity) stay behind; rows past the received ones come back zero.
     out = x.new_zeros((out_rows, *x.shape[1:])) if out_rows >= 0 else x.new_empty((sum(recv), *x.shape[1:]))
-    with _exchange_errors("rows"):
+    with exchange_errors("rows"):
         dist.all_to_all_single(out[:sum(recv)], x[:sum(send)].contiguous(), recv, send, group=group)
     return out
 
 
 @contextlib.contextmanager
-def _exchange_errors(what: str):
+def exchange_errors(what: str):
     """A dead or stuck peer surfaces as a transport error deep in gloo or NCCL: say what failed and what to do."""
     try:
         yield
@@ -151,7 +151,7 @@ def all_to_all_counts(send_counts_R: Tensor, group_name: str) -> Tensor:
     """How many rows each rank will send me, from how many I send each."""
     group = dist.distributed_c10d._resolve_process_group(group_name)
     recv = torch.empty_like(send_counts_R)
-    with _exchange_errors("row counts"):
+    with exchange_errors("row counts"):
         dist.all_to_all_single(recv, send_counts_R.contiguous(), group=group)
     return recv
 
@@ -167,7 +167,7 @@ def all_gather_counts(send_counts_R: Tensor, group_name: str) -> Tensor:
     group = dist.distributed_c10d._resolve_process_group(group_name)
     ranks = dist.get_world_size(group)
     out = send_counts_R.new_empty((ranks * send_counts_R.shape[0],))  # gloo gathers into a flat tensor
-    with _exchange_errors("row counts"):
+    with exchange_errors("row counts"):
         dist.all_gather_into_tensor(out, send_counts_R.contiguous(), group=group)
     return out.view(ranks, -1)
 
@@ -208,14 +208,14 @@ def _exchange_2d(x: Tensor, C: list[list[int]], me: int, L: int, intra, inter, o
     send1 = [sum(C[me][n2 * L + l2] for n2 in range(N)) for l2 in range(L)]
     recv1 = [sum(C[n * L + l2][n2 * L + j] for n2 in range(N)) for l2 in range(L)]
     mid = x.new_empty((sum(recv1), *x.shape[1:]))
-    with _exchange_errors("rows (within the node)"):
+    with exchange_errors("rows (within the node)"):
         dist.all_to_all_single(mid, x[:sum(send1)].index_select(0, to_local), recv1, send1, group=intra)
     # Phase 2, across nodes: what arrived is by (node-mate, destination node); regroup by destination node.
     arrived = [C[n * L + l2][n2 * L + j] for l2 in range(L) for n2 in range(N)]
     to_node = _block_order(arrived, [l2 * N + n2 for n2 in range(N) for l2 in range(L)], x.device)
     send2 = [sum(C[n * L + l2][n2 * L + j] for l2 in range(L)) for n2 in range(N)]
     recv2 = [sum(C[n3 * L + l3][me] for l3 in range(L)) for n3 in range(N)]
-    with _exchange_errors("rows (across nodes)"):
+    with exchange_errors("rows (across nodes)"):
         dist.all_to_all_single(out[:sum(recv2)], mid.index_select(0, to_node), recv2, send2, group=inter)
 
 

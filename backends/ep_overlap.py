@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ep import _exchange_errors
+from .ep import exchange_errors
 
 
 def chunk_counts(counts_R: list[int], chunks: int) -> list[list[int]]:
@@ -58,7 +58,7 @@ class _Pipe:
         self.pending: list = []
 
     def start(self, dst: Tensor, src: Tensor, dst_splits: list[int], src_splits: list[int]):
-        with _exchange_errors("rows (overlapped)"):
+        with exchange_errors("rows (overlapped)"):
             return dist.all_to_all_single(dst, src, dst_splits, src_splits, group=self.group, async_op=True)
 
     def outbound(self, j: int, dst: Tensor, src: Tensor):
@@ -74,7 +74,7 @@ class _Pipe:
         self.pending.append(self.start(dst[a:b], src[c:d], self.out_JR[j], self.in_JR[j]))
 
     def wait(self, work) -> None:
-        with _exchange_errors("rows (overlapped)"):
+        with exchange_errors("rows (overlapped)"):
             work.wait()
 
     def drain(self) -> None:
