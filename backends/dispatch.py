@@ -125,11 +125,13 @@ class ExpertParallelDispatch(LocalDispatch):
             self._choose(experts, stage, x_sorted)
         self.overlapped = self.chunks > 1 and self.hierarchy is None and stage.ffn is not None
         if self.overlapped:
+            from moecc.passes.rewrite_slots import ffn_weights
+
             from . import ep_overlap
 
             recv_R = graph.call_function(torch.ops.moecc.all_to_all_counts.default, (send_R, group))
             return graph.call_function(ep_overlap.pipelined_ffn, (
-                x_sorted, slot_sorted, send_R, recv_R, group, *_stage_ffn_weights(stage),
+                x_sorted, slot_sorted, send_R, recv_R, group, *ffn_weights(stage.ffn, stage.env),
                 list(stage.ffn.flags), stage.ffn.activation, per_rank, self.chunks))
         if self.hierarchy is not None:
             h = self.hierarchy
@@ -264,19 +266,15 @@ def _hint(size, default: int) -> int:
     return int(hint) if isinstance(hint, int) else default
 
 
-def _stage_ffn_weights(stage) -> list[list[fx.Node]]:
-    """The fused FFN's (w1, w3, w2) weight nodes of a stage, as ``moecc::expert_ffn`` takes them."""
-    return [[stage.env[n] for n in ref.nodes] if ref is not None else [] for ref in
-            (stage.ffn.w1, stage.ffn.w3, stage.ffn.w2)]
-
-
 def _ffn_width(stage, d_model: int) -> tuple[int, int]:
     """(hidden width, weight matrices) of a stage's experts for the cost model: the fused FFN's, else the
     template's weights as one matrix of the same size per expert."""
     from .kernels_cpu import weight_io
 
     if stage.ffn is not None:
-        w1, w3, w2 = ([n.meta["val"] for n in nodes] for nodes in _stage_ffn_weights(stage))
+        from moecc.passes.rewrite_slots import ffn_weights
+
+        w1, w3, w2 = ([n.meta["val"] for n in nodes] for nodes in ffn_weights(stage.ffn, stage.env))
         _, ffn, _ = weight_io(w2, bool(stage.ffn.flags[2]))
         return int(ffn), 3 if (w3 or stage.ffn.flags[3]) else 2
     per_expert = sum(ref.nodes[0].meta["val"][0].numel() for ref in stage.block.template.weights.values())

@@ -187,7 +187,7 @@ class Hierarchy:
     inter_name: str  # the ranks of this rank's local index, one per node
 
 
-def _block_order(sizes: list[int], order: list[int], device) -> Tensor:
+def block_order(sizes: list[int], order: list[int], device) -> Tensor:
     """The row index that lays out blocks of ``sizes`` (consecutive) in the block order ``order``."""
     starts = [0]
     for n in sizes[:-1]:
@@ -204,7 +204,7 @@ def _exchange_2d(x: Tensor, C: list[list[int]], me: int, L: int, intra, inter, o
     N, (n, j) = R // L, divmod(me, L)  # this rank: node n, local index j
     # Phase 1, within the node: to local index l2 every row bound for (any node, l2), by node.
     mine = [C[me][q] for q in range(R)]
-    to_local = _block_order(mine, [n2 * L + l2 for l2 in range(L) for n2 in range(N)], x.device)
+    to_local = block_order(mine, [n2 * L + l2 for l2 in range(L) for n2 in range(N)], x.device)
     send1 = [sum(C[me][n2 * L + l2] for n2 in range(N)) for l2 in range(L)]
     recv1 = [sum(C[n * L + l2][n2 * L + j] for n2 in range(N)) for l2 in range(L)]
     mid = x.new_empty((sum(recv1), *x.shape[1:]))
@@ -212,7 +212,7 @@ def _exchange_2d(x: Tensor, C: list[list[int]], me: int, L: int, intra, inter, o
         dist.all_to_all_single(mid, x[:sum(send1)].index_select(0, to_local), recv1, send1, group=intra)
     # Phase 2, across nodes: what arrived is by (node-mate, destination node); regroup by destination node.
     arrived = [C[n * L + l2][n2 * L + j] for l2 in range(L) for n2 in range(N)]
-    to_node = _block_order(arrived, [l2 * N + n2 for n2 in range(N) for l2 in range(L)], x.device)
+    to_node = block_order(arrived, [l2 * N + n2 for n2 in range(N) for l2 in range(L)], x.device)
     send2 = [sum(C[n * L + l2][n2 * L + j] for l2 in range(L)) for n2 in range(N)]
     recv2 = [sum(C[n3 * L + l3][me] for l3 in range(L)) for n3 in range(N)]
     with exchange_errors("rows (across nodes)"):

@@ -24,11 +24,13 @@ received rows, R ranks, c chunks, L slots on this rank.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ep import exchange_errors
+from .ep import block_order, exchange_errors
 
 
 def chunk_counts(counts_R: list[int], chunks: int) -> list[list[int]]:
@@ -39,12 +41,9 @@ def chunk_counts(counts_R: list[int], chunks: int) -> list[list[int]]:
 def chunk_major(counts_R: list[int], chunks: int, device) -> Tensor:
     """The row order that makes each chunk contiguous: for rows grouped by rank (``counts_R`` per rank), the
     index of each row of chunk 0 (rank by rank), then chunk 1, ..."""
-    starts = [0]
-    for n in counts_R[:-1]:
-        starts.append(starts[-1] + n)
-    pieces = [torch.arange(s + n * j // chunks, s + n * (j + 1) // chunks, device=device)
-              for j in range(chunks) for s, n in zip(starts, counts_R)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=device)
+    parts_RJ = [n * (j + 1) // chunks - n * j // chunks for n in counts_R for j in range(chunks)]
+    ranks = len(counts_R)
+    return block_order(parts_RJ, [r * chunks + j for j in range(chunks) for r in range(ranks)], device)
 
 
 class _Pipe:
@@ -84,10 +83,7 @@ class _Pipe:
 
 
 def _starts(sizes: list[int]) -> list[int]:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return out
+    return list(accumulate(sizes, initial=0))
 
 
 def _local_order(slot_M: Tensor, slots: int):

@@ -131,7 +131,7 @@ class ExpertStage:
         if self.ffn is not None:  # each row once, unweighted, back in its own order: one op
             ones = graph.call_method("new_ones", (rows_M, (graph.call_method("size", (rows_M, 0)),)))
             return graph.call_function(ops.routed_ffn, (rows_M, order_M, ones, offsets_E,
-                                                        *_ffn_weights(self.ffn, self.env), list(self.ffn.flags),
+                                                        *ffn_weights(self.ffn, self.env), list(self.ffn.flags),
                                                         self.ffn.activation))
         y_sorted = self.sorted_rows(graph, _permute(graph, rows_M, order_M, inverse_M), offsets_E,
                                     emit_getitem(graph, expert_M, order_M))
@@ -200,10 +200,11 @@ def _emit_fused_ffn(graph, ffn: FusedFFN, env, x_TD, w_TK, order_N, inverse_N, o
     weight_N = _permute(graph, graph.call_method("reshape", (graph.call_method("type_as", (w_TK, x_TD)), -1)),
                         order_N, inverse_N)
     return graph.call_function(ops.routed_ffn, (graph.call_method("contiguous", (x_TD,)), token_N, weight_N,
-                                                offsets_S, *_ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
+                                                offsets_S, *ffn_weights(ffn, env), list(ffn.flags), ffn.activation))
 
 
-def _ffn_weights(ffn: FusedFFN, env) -> list[list[fx.Node]]:
+def ffn_weights(ffn: FusedFFN, env) -> list[list[fx.Node]]:
+    """The (w1, w3, w2) weight nodes of a fused FFN, as ``moecc::expert_ffn`` takes them."""
     return [[env[n] for n in ref.nodes] if ref is not None else [] for ref in (ffn.w1, ffn.w3, ffn.w2)]
 
 
