@@ -359,17 +359,21 @@ def tile_rows(ffn: int, width: int, cap: int) -> int:
     return max(1, min(cap, max(16, ITEM_BYTES // (4 * (width + 2 * ffn)))))
 
 
+def _tiling(xs: Tensor, w2, t2: int, glu: int, cap: int) -> tuple[int, int, int, int]:
+    """(ffn, saved width, rows per work item, threads) of one call, the same for both directions."""
+    ffn = w2[0].shape[-1] if t2 else w2[0].shape[-2]
+    width = 2 * ffn if glu else ffn
+    return ffn, width, tile_rows(ffn, width, min(cap, max(1, xs.shape[0]))), threads()
+
+
 def forward(xs: Tensor, ys: Tensor, saved: Tensor | None, weight_N: Tensor, offsets_S: Tensor, w1, w3, w2,
             flags, activation: str, workspace, cap: int, weight_tables=None) -> None:
     """``ys[n] = weight[n] * ffn_g(xs[n])`` for every computed row, and with ``saved`` its pre-activations.
     ``weight_tables``: :func:`tables` of (w1, w3, w2) if the caller has them."""
     t1, t3, t2, glu = (int(f) for f in flags)
     fwd, _ = kernels(activation)
-    ffn = (w2[0].shape[-1] if t2 else w2[0].shape[-2])
-    width = 2 * ffn if glu else ffn
+    ffn, width, tile, nt = _tiling(xs, w2, t2, glu, cap)
     d, dout = xs.shape[1], ys.shape[1]
-    tile = tile_rows(ffn, width, min(cap, max(1, xs.shape[0])))
-    nt = threads()
     ws = workspace(nt * tile * (width + ffn))
     (p1, s1), (p3, s3), (p2, s2) = weight_tables or tables(xs, [w1, w3, w2])
     sg, sl = _mkl()
@@ -385,11 +389,8 @@ def backward(xs: Tensor, gs: Tensor, saved: Tensor, weight_N: Tensor, dweight: T
     for an expert without rows); ``gs`` is scaled by the row weights in place."""
     t1, t3, t2, glu = (int(f) for f in flags)
     _, bwd = kernels(activation)
-    ffn = (w2[0].shape[-1] if t2 else w2[0].shape[-2])
-    width = 2 * ffn if glu else ffn
+    ffn, width, tile, nt = _tiling(xs, w2, t2, glu, cap)
     d, dout = xs.shape[1], gs.shape[1]
-    tile = tile_rows(ffn, width, min(cap, max(1, xs.shape[0])))
-    nt = threads()
     ws = workspace(nt * tile * (width + 2 * ffn))
     (p1, s1), (p3, s3), (p2, s2) = weight_tables or tables(xs, [w1, w3, w2])
     (q1, _, _), (q3, _, _), (q2, _, _) = _table(dw1, False), _table(dw3, False), _table(dw2, False)
