@@ -45,6 +45,13 @@ def routed(activation):
     return lambda *a: ops.routed_ffn(*a, activation)
 
 
+
+def assert_same(got, want, rtol=1e-4):
+    """Outputs and every gradient of (output, gradients) pairs agree within fp32 tolerance."""
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=rtol)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=rtol)
+
 @needs_kernel
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("flags", [(1, 1, 0), (0, 0, 1)])
@@ -57,9 +64,7 @@ def test_grouped_kernel_equals_the_row_by_row_definition(monkeypatch, glu, flags
     out, grads = grads_of(routed("silu"), case, cot)
     assert cpu_grouped.runs["grouped"] == before + 2  # forward and backward both ran the grouped kernel
     ref, ref_grads = grads_of(reference(case, "silu"), case, cot)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same((out, grads), (ref, ref_grads))
 
 
 @needs_kernel
@@ -70,9 +75,7 @@ def test_every_activation_of_the_grouped_kernel(monkeypatch, activation):
     cot = torch.randn(case[0].shape[0], 8)
     out, grads = grads_of(routed(activation), case, cot)
     ref, ref_grads = grads_of(reference(case, activation), case, cot)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same((out, grads), (ref, ref_grads))
 
 
 @needs_kernel
@@ -86,9 +89,7 @@ def test_both_paths_agree_when_experts_span_several_tiles(monkeypatch):
         monkeypatch.setenv("MOECC_CPU_EXPERTS", path)
         results[path] = grads_of(routed("silu"), case, cot)
     (out, grads), (out2, grads2) = results.values()
-    torch.testing.assert_close(out, out2, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads, grads2):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same((out, grads), (out2, grads2), rtol=1e-5)
 
 
 @needs_kernel
@@ -99,9 +100,7 @@ def test_decode_rows_and_dropped_rows(monkeypatch):
     cot = torch.randn(1, 8)
     out, grads = grads_of(routed("silu"), case, cot)
     ref, ref_grads = grads_of(reference(case, "silu"), case, cot)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same((out, grads), (ref, ref_grads))
     x, index, weight, _, w1, w3, w2, flags = make_case(1, loads=(3, 2, 2))
     cut = torch.tensor([3, 5, 5], dtype=torch.int32)
     out = ops.routed_ffn(x, index, weight, cut, w1, w3, w2, flags, "silu")
@@ -187,9 +186,7 @@ def test_without_a_working_compiler_the_per_expert_path_runs(monkeypatch):
         cpu_grouped.kernels.cache_clear()
         cpu_native.sort_kernel.cache_clear()
     ref, ref_grads = grads_of(reference(case, "relu"), case, cot)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_same((out, grads), (ref, ref_grads))
 
 
 @needs_kernel
